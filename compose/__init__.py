@@ -1,0 +1,1 @@
+"""valuemix.compose: the mixer, candidate scoring, the generate loop and KL accounting."""
