@@ -1,0 +1,229 @@
+"""ValueBank: one value backbone (a causal LM's decoder, no LM head) carrying named value heads.
+
+A head is a named peft LoRA adapter on the shared backbone plus a scalar value layer
+Linear(hidden, 1), zero-initialised, on the last hidden state. Heads are scored together
+in one forward with peft's mixed-adapter batches (`adapter_names=`): K heads send K×B rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+from .fingerprint import describe_tokenizer, tokenizer_fingerprint
+from .head_config import HeadConfig
+
+DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (batch, seq) that count only real tokens, as `generate` does for left padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+def backbone_probe(decoder: nn.Module) -> list[float]:
+    """A few weights of the backbone, to tell one checkpoint from another (tolerant to dtype)."""
+    names = sorted(n for n, _ in decoder.named_parameters() if "lora_" not in n)
+    tensors = dict(decoder.named_parameters())
+    return [float(v) for n in names[:: max(1, len(names) // 8)] for v in tensors[n].detach().flatten()[:4].float()]
+
+
+class ValueBank:
+    """A value backbone loaded once, with named value heads on it.
+
+    Args:
+        backbone: a causal LM (or its decoder) object, a local folder or a Hugging Face Hub id.
+            A model object is copied, so the object passed in (e.g. the base model itself) is never changed.
+        tokenizer: the backbone's tokenizer; loaded from `backbone` when it is a path or an id.
+        revision: Hub revision of `backbone`.
+        dtype: dtype to load the backbone in (default: float32).
+    """
+
+    def __init__(self, backbone, tokenizer=None, *, revision: str | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None):
+        if isinstance(backbone, nn.Module):
+            decoder = copy.deepcopy(backbone.base_model if isinstance(backbone, PreTrainedModel) else backbone)
+            source = getattr(decoder.config, "_name_or_path", "") or type(backbone).__name__
+        else:
+            source = str(backbone)
+            decoder = load_decoder(source, revision=revision, dtype=dtype)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        if tokenizer is None:
+            raise ValueError("ValueBank needs the backbone's tokenizer when given a model object: "
+                             "ValueBank(model, tokenizer=tokenizer).")
+        decoder.config.name_or_path = source
+        if decoder.config._attn_implementation not in ("eager", "sdpa"):
+            decoder.set_attn_implementation("sdpa")  # candidate scoring uses custom 4D masks
+        if device is not None:
+            decoder.to(device)
+        self.decoder = decoder.eval().requires_grad_(False)
+        self.model: nn.Module = self.decoder  # becomes a PeftModel with the first head
+        self.tokenizer = tokenizer
+        self.backbone_id = source
+        self.backbone_revision = revision or getattr(decoder.config, "_commit_hash", None)
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.probe = backbone_probe(decoder)
+        self.value_layers = nn.ModuleDict()
+        self.configs: dict[str, HeadConfig] = {}
+        self.lock = threading.RLock()  # peft's adapter routing is module state: one forward at a time
+        self.tree_masks_ok: bool | None = None  # set by the first candidate scoring
+
+    # ------------------------------------------------------------------ heads
+    @property
+    def heads(self) -> list[str]:
+        """Names of the heads on the bank, in the order they were added."""
+        return list(self.value_layers.keys())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    def add_head(self, name: str, lora: LoraConfig | dict | None = None, **metadata) -> HeadConfig:
+        """Add a new head: a LoRA adapter (default r=16 on all linear layers) and a zero value layer."""
+        if name in self.value_layers:
+            raise ValueError(f"Head '{name}' is already on the bank; remove_head('{name}') first or pick another name.")
+        if not name or name == "__base__" or not name.replace("-", "_").isidentifier():
+            raise ValueError(f"Head name {name!r} is not valid: use letters, digits, '_' or '-' (e.g. 'helpful').")
+        lora_config = lora if isinstance(lora, LoraConfig) else LoraConfig(**{**DEFAULT_LORA, **(lora or {})})
+        lora_config.base_model_name_or_path = self.backbone_id
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, lora_config)
+            else:
+                self.model = get_peft_model(self.decoder, lora_config, adapter_name=name)
+            self.model.eval()
+            layer = nn.Linear(self.hidden_size, 1, device=self.device, dtype=torch.float32)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+            self.value_layers[name] = layer.requires_grad_(False)
+        config = HeadConfig(name=name, backbone=self.backbone_id, backbone_revision=self.backbone_revision,
+                            backbone_probe=self.probe, tokenizer_fingerprint=self.fingerprint, **metadata)
+        self.configs[name] = config
+        return config
+
+    def remove_head(self, name: str) -> None:
+        """Remove a head and free its adapter."""
+        self.check_heads([name])
+        with self.lock:
+            if len(self.value_layers) == 1:
+                self.model = self.model.unload()  # the last adapter: back to the bare decoder
+            else:
+                self.model.delete_adapter(name)
+            del self.value_layers[name]
+            del self.configs[name]
+
+    def check_heads(self, heads: Sequence[str]) -> list[str]:
+        """Validate head names; raise a KeyError listing the bank's heads for an unknown one."""
+        heads = list(heads)
+        for name in heads:
+            if name not in self.value_layers:
+                known = ", ".join(repr(h) for h in self.heads) or "none yet (add_head or load_head)"
+                raise KeyError(f"Unknown head '{name}'. Heads on this bank: {known}.")
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"Heads listed twice: {heads}.")
+        return heads
+
+    def check_tokenizer(self, tokenizer, what: str = "the base model") -> None:
+        """Refuse a tokenizer that does not map text to the same ids as the backbone's."""
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.fingerprint:
+            raise ValueError(
+                f"Tokenizer mismatch: {what} uses {describe_tokenizer(tokenizer)} but the value backbone "
+                f"{self.backbone_id} uses {describe_tokenizer(self.tokenizer)}. Values are only meaningful on "
+                "the backbone's own token ids: pick a backbone that shares the base model's tokenizer.")
+
+    # ----------------------------------------------------------------- values
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       row_heads: list[str], cache=None) -> torch.Tensor:
+        """Run the backbone with head `row_heads[i]` on row i; returns the last hidden states.
+
+        `cache` (a transformers `Cache`) is extended in place by the tokens fed.
+        """
+        with self.lock:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=cache is not None, adapter_names=row_heads)
+        return out.last_hidden_state
+
+    def project(self, hidden: torch.Tensor, heads: Sequence[str]) -> torch.Tensor:
+        """Value layers of `heads` on hidden states (n_heads, ..., hidden) -> (n_heads, ...)."""
+        weight = torch.cat([self.value_layers[h].weight for h in heads])  # (H, hidden)
+        bias = torch.cat([self.value_layers[h].bias for h in heads])  # (H,)
+        flat = hidden.reshape(len(heads), -1, hidden.shape[-1]).float()
+        values = torch.einsum("hnd,hd->hn", flat, weight) + bias[:, None]
+        return values.reshape(hidden.shape[:-1])
+
+    @torch.inference_mode()
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               heads: Sequence[str] | None = None) -> torch.Tensor:
+        """V of every prefix: (n_heads, batch, seq); entry [h, b, t] values the prefix ending at token t."""
+        heads = self.check_heads(self.heads if heads is None else heads)
+        if not heads:
+            raise ValueError("The bank has no heads: add_head or load_head first.")
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        n = len(heads)
+        row_heads = [h for h in heads for _ in range(input_ids.shape[0])]
+        hidden = self.forward_hidden(input_ids.repeat(n, 1), attention_mask.repeat(n, 1),
+                                        position_ids_from_mask(attention_mask).repeat(n, 1), row_heads)
+        return self.project(hidden.reshape(n, *input_ids.shape, -1), heads)
+
+    # ------------------------------------------------------------- parameters
+    def head_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of one head: its LoRA matrices and its value layer."""
+        self.check_heads([name])
+        lora = [p for n, p in self.model.named_parameters() if f".{name}." in n and ".lora_" in n]
+        return lora + list(self.value_layers[name].parameters())
+
+    def head_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A copy of every tensor of one head, for saving and comparisons."""
+        from peft import get_peft_model_state_dict
+
+        state = {f"adapter.{k}": v.detach().clone() for k, v in
+                 get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        state.update({f"value.{k}": v.detach().clone() for k, v in self.value_layers[name].state_dict().items()})
+        return state
+
+    # -------------------------------------------------------------- files/hub
+    def save_head(self, name: str, directory) -> None:
+        """Write head `name` to `directory` (peft adapter files, value layer, head_config.json, model card)."""
+        from .files import save_head
+
+        save_head(self, name, directory)
+
+    def load_head(self, source, name: str | None = None, revision: str | None = None, token=None) -> str:
+        """Load a head from a folder or a Hub repo id (or a list of them); returns the head name(s)."""
+        from .files import load_head
+
+        if isinstance(source, (list, tuple)):
+            return [self.load_head(s, revision=revision, token=token) for s in source]
+        return load_head(self, source, name=name, revision=revision, token=token)
+
+    def push_head(self, name: str, repo_id: str, **kwargs) -> str:
+        """Publish head `name` to the Hugging Face Hub; returns the commit URL."""
+        from .hub import push_head
+
+        return push_head(self, name, repo_id, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"
+
+
+def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a model's decoder without its LM head (safetensors only, no remote code)."""
+    try:
+        return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32,
+                                         use_safetensors=True, attn_implementation="sdpa")
+    except OSError as err:
+        raise OSError(f"Could not load the value backbone {source!r}: {err}\nPass a local folder, or a Hub id that "
+                      "is reachable or already in the Hugging Face cache.") from err

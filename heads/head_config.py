@@ -1,0 +1,52 @@
+"""HeadConfig: what a value head is, what it was trained for and on what (head_config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class HeadConfig:
+    """Metadata of one value head, saved as head_config.json beside its weights.
+
+    Attributes:
+        name: the head's name on a bank (e.g. "helpful").
+        reward: what the head values, in words (a reward's description).
+        backbone: id or path of the value backbone the adapter was trained on.
+        backbone_revision: the backbone's Hub revision, when known.
+        backbone_probe: a few backbone weights, to refuse a head on another checkpoint.
+        base_model: the base model whose samples trained the head.
+        tokenizer_fingerprint: hash of the tokenizer's vocabulary (see `tokenizer_fingerprint`).
+        lam: the TD(λ) λ used in training (1.0 = Monte Carlo).
+        data_size: number of (prompt, completion) samples trained on.
+        reward_mean, reward_std: reward normalisation; values are in units of reward_std.
+        beta_range: the coefficient range a mixer accepts for this head.
+        metrics: training metrics (final loss, steps, seconds, …).
+        valuemix_version: the version that wrote the head.
+    """
+
+    name: str
+    reward: str = ""
+    backbone: str = ""
+    backbone_revision: str | None = None
+    backbone_probe: list[float] = field(default_factory=list)
+    base_model: str | None = None
+    tokenizer_fingerprint: str = ""
+    lam: float | None = None
+    data_size: int = 0
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    beta_range: tuple[float, float] = (-10.0, 10.0)
+    metrics: dict = field(default_factory=dict)
+    valuemix_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadConfig":
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.beta_range = tuple(config.beta_range)
+        return config
