@@ -59,7 +59,7 @@ class ValueBank:
         if tokenizer is None:
             raise ValueError("ValueBank needs the backbone's tokenizer when given a model object: "
                              "ValueBank(model, tokenizer=tokenizer).")
-        decoder.config.name_or_path = source
+        decoder.name_or_path = source  # peft records it as the adapter's base model
         if decoder.config._attn_implementation not in ("eager", "sdpa"):
             decoder.set_attn_implementation("sdpa")  # candidate scoring uses custom 4D masks
         if device is not None:

@@ -1,0 +1,174 @@
+"""valuemix's own decoding loop: mixing, streaming text, and exact KL(π_mix‖π_ref) per completion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..heads.bank import position_ids_from_mask
+from .mixer import Mixer
+
+
+@dataclass
+class Generation:
+    """The result of `generate`.
+
+    Attributes:
+        prompts: the prompt texts as fed to the tokenizer.
+        texts: the completions (special tokens skipped).
+        token_ids: the generated token ids of each row, up to and including EOS.
+        kl: KL(π_mix‖π_ref) summed over each completion's tokens, in nats. π_ref is the base model
+            under the same settings with every β = 0 (the top-k truncated base), so β = 0 gives 0.
+        seconds: wall time of the decoding loop.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    kl: list[float]
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(t) for t in self.token_ids) / max(self.seconds, 1e-9)
+
+
+@dataclass
+class TextPiece:
+    """A piece of streamed text for row `row` of the batch."""
+
+    row: int
+    text: str
+
+
+@dataclass
+class Stream:
+    """An iterator of `TextPiece`s; `.result` holds the `Generation` once the iterator is exhausted."""
+
+    pieces: Iterator[TextPiece]
+    result: Generation | None = field(default=None)
+
+    def __iter__(self):
+        return self.pieces
+
+
+def step_kl(mixed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(mixed) ‖ softmax(reference)) per row, in nats: Σ_a p(a) (log p(a) − log q(a))."""
+    log_p = torch.log_softmax(mixed.float(), dim=-1)
+    log_q = torch.log_softmax(reference.float(), dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = False):
+    """Left-padded `input_ids`, `attention_mask` for the prompts; rejects empty prompts by index."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("No prompts given: pass a list of one or more prompt strings.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"Prompt {i} is empty ({prompt!r}): every prompt needs some text.")
+    if chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token, needed to batch prompts: "
+                         "set tokenizer.pad_token = tokenizer.eos_token.")
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=not chat_template)
+    return list(prompts), enc["input_ids"], enc["attention_mask"]
+
+
+def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None, *, max_new_tokens: int = 64,
+             temperature: float = 1.0, do_sample: bool = True, seed: int = 0, chat_template: bool = False,
+             logits_processors: Sequence = (), stream: bool = False) -> Generation | Stream:
+    """Generate from `base` with a `Mixer` in valuemix's own loop (KV cache on the base and the backbone).
+
+    Per step: base logits -> `logits_processors` -> mixer -> / temperature -> sample (or argmax).
+    Returns a `Generation`; with `stream=True`, a `Stream` of `TextPiece`s whose `.result` is the
+    `Generation` once exhausted. Without a mixer this is plain sampling from the base (KL 0).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive (got {temperature}); use do_sample=False for greedy.")
+    if mixer is not None:
+        mixer.bank.check_tokenizer(tokenizer)
+    prompts, input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat_template)
+    steps = _decode(base, tokenizer, input_ids.to(base.device), attention_mask.to(base.device), mixer,
+                    max_new_tokens, temperature, do_sample, seed, logits_processors)
+    out = Stream(iter(()))
+
+    def pieces() -> Iterator[TextPiece]:
+        start = time.perf_counter()
+        tokens = [[] for _ in prompts]
+        shown = [0] * len(prompts)
+        kl = torch.zeros(len(prompts))
+        for new_tokens, alive, step_kls in steps:
+            kl += step_kls.cpu()
+            for row in alive.nonzero().flatten().tolist():
+                tokens[row].append(int(new_tokens[row]))
+                text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > shown[row]:  # wait for a whole character
+                    yield TextPiece(row, text[shown[row]:])
+                    shown[row] = len(text)
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        for row, text in enumerate(texts):
+            if len(text) > shown[row]:
+                yield TextPiece(row, text[shown[row]:])
+        out.result = Generation(prompts, texts, tokens, kl.tolist(), time.perf_counter() - start)
+
+    out.pieces = pieces()
+    if stream:
+        return out
+    for _ in out:
+        pass
+    return out.result
+
+
+@torch.inference_mode()
+def _decode(base, tokenizer, input_ids, attention_mask, mixer, max_new_tokens, temperature, do_sample, seed,
+            logits_processors):
+    """Yield (new token per row, rows that were still generating, step KL per row) for each step."""
+    eos = _eos_ids(base, tokenizer).to(input_ids.device)
+    pad = tokenizer.pad_token_id
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    cache = DynamicCache(config=base.config)
+    positions = position_ids_from_mask(attention_mask)
+    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                  use_cache=True, logits_to_keep=1).logits[:, -1]
+    alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        scores = logits.float()
+        for processor in logits_processors:
+            scores = processor(input_ids, scores)
+        reference = mixer.reference(scores) if mixer is not None else scores
+        mixed = mixer(input_ids, scores) if mixer is not None else scores
+        mixed, reference = mixed / temperature, reference / temperature
+        kl = step_kl(mixed, reference) if mixer is not None else torch.zeros_like(mixed[:, 0])
+        if do_sample:
+            next_tokens = torch.multinomial(torch.softmax(mixed, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = mixed.argmax(dim=-1)
+        next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad))
+        yield next_tokens, alive, torch.where(alive, kl, torch.zeros_like(kl))
+        alive = alive & ~torch.isin(next_tokens, eos)
+        if not alive.any():
+            return
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = base(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
+                      cache=cache, use_cache=True).logits[:, -1]
+
+
+def _eos_ids(base, tokenizer) -> torch.Tensor:
+    """Every id that ends a completion: the generation config's EOS id(s) and the tokenizer's."""
+    ids = getattr(base.generation_config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return torch.tensor(sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None}))

@@ -1,0 +1,107 @@
+"""Mixer: Value Augmented Sampling as a `transformers.LogitsProcessor`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from transformers import LogitsProcessor
+
+from ..heads.bank import ValueBank
+from .candidates import CandidateScorer
+
+
+class Mixer(LogitsProcessor):
+    r"""Steer next-token scores with a weighted mix of value heads (VAS).
+
+    For each row s, take the k highest-scoring tokens a (the candidates), value every candidate with
+    every head h that has a non-zero coefficient β_h, centre each head's k values, and add them:
+
+        scores[a] += Σ_h β_h · (V_h(s·a) − mean_{a'} V_h(s·a'))      for a in top-k(scores)
+
+    Tokens outside the top-k are masked to -inf (sampling stays among the valued candidates), or left
+    unchanged with `mask_outside_top_k=False`, as in the reference VAS code. With every β_h = 0 the
+    output is exactly the base top-k scores. β_h < 0 pushes away from reward h.
+
+    The mixer is a pure function of (input_ids, scores, weights): its KV cache on the value backbone
+    only saves work, and a sequence it has not seen starts a new cache. It composes with any other
+    processor (temperature, top-p, repetition penalty) in `generate`.
+
+    Args:
+        bank: the value bank holding the heads.
+        weights: head name -> coefficient β (heads left out are 0).
+        top_k: number of candidates valued per step.
+        mask_outside_top_k: mask tokens outside the top-k (default) or leave them unchanged.
+        tokenizer: the base model's tokenizer; if given, it must match the backbone's.
+        pad_token_id: the id used for left padding (default: the bank tokenizer's).
+
+    Example:
+        >>> mixer = vm.Mixer(bank, {"helpful": 1.5, "concise": -0.5}, top_k=20)
+        >>> out = base.generate(**enc, logits_processor=[mixer], do_sample=True, max_new_tokens=64)
+        >>> mixer.set_weights({"helpful": 0.0})   # cheap: no reload
+    """
+
+    def __init__(self, bank: ValueBank, weights: Mapping[str, float] | None = None, top_k: int = 20,
+                 mask_outside_top_k: bool = True, tokenizer=None, pad_token_id: int | None = None):
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer (got {top_k!r}); 20 is the usual choice.")
+        bank.check_tokenizer(tokenizer)
+        self.bank = bank
+        self.top_k = top_k
+        self.mask_outside_top_k = mask_outside_top_k
+        self.pad_token_id = pad_token_id
+        self.weights: dict[str, float] = {}
+        self.scorer: CandidateScorer | None = None
+        self.set_weights(weights or {})
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Change some heads' coefficients (others keep theirs). Cheap: nothing is reloaded."""
+        self.bank.check_heads(list(weights))
+        for name, beta in weights.items():
+            if not isinstance(beta, (int, float)) or not math.isfinite(beta):
+                raise ValueError(f"Coefficient for head '{name}' must be a finite number, got {beta!r}.")
+            low, high = self.bank.configs[name].beta_range
+            if not low <= beta <= high:
+                raise ValueError(f"Coefficient {beta} for head '{name}' is outside its range [{low}, {high}] "
+                                 f"(its head_config beta_range); pick a value inside it or widen the range with "
+                                 f"bank.configs['{name}'].beta_range = (low, high).")
+        self.weights.update({name: float(beta) for name, beta in weights.items()})
+
+    @property
+    def active_heads(self) -> list[str]:
+        """Heads with a non-zero coefficient: the only ones the backbone runs."""
+        return [h for h in self.bank.heads if self.weights.get(h, 0.0) != 0.0]
+
+    def reset(self) -> None:
+        """Forget cached prefixes (never needed for correctness; frees memory between generations)."""
+        self.scorer = None
+
+    def _scorer(self, heads: list[str]) -> CandidateScorer:
+        if self.scorer is None or self.scorer.heads != heads:
+            self.scorer = CandidateScorer(self.bank, heads, self.pad_token_id)
+        return self.scorer
+
+    def candidate_values(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
+        """(candidates (batch, k), their base scores (batch, k), values (n_active, batch, k)) for inspection."""
+        top_scores, candidates = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        heads = self.active_heads
+        values = self._scorer(heads)(input_ids, candidates).to(scores.device) if heads else None
+        return candidates, top_scores, values
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        candidates, top_scores, values = self.candidate_values(input_ids, scores)
+        if values is not None:
+            beta = torch.tensor([self.weights[h] for h in self.active_heads], device=scores.device)
+            centred = values - values.mean(dim=-1, keepdim=True)  # V_h(s·a) − mean_a' V_h(s·a')
+            top_scores = top_scores + torch.einsum("h,hbk->bk", beta, centred).to(scores.dtype)
+        return self._place(scores, candidates, top_scores)
+
+    def reference(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The mixer's output with every β = 0: the base scores truncated to the top-k (π_ref)."""
+        top_scores, candidates = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        return self._place(scores, candidates, top_scores)
+
+    def _place(self, scores, candidates, top_scores):
+        out = torch.full_like(scores, -math.inf) if self.mask_outside_top_k else scores.clone()
+        return out.scatter_(-1, candidates, top_scores)
