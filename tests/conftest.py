@@ -81,3 +81,37 @@ def family(request):
 @pytest.fixture
 def base_model(tokenizer):
     return build_model("llama", len(tokenizer), seed=0)
+
+
+def randomize_heads(bank, scale: float = 0.5, seed: int = 0) -> None:
+    """Give every head non-zero LoRA and value weights, so values differ between heads and tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in bank.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        for layer in bank.value_layers.values():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
+
+
+def make_bank(tokenizer, family: str = "llama", heads=("helpful", "concise"), seed: int = 1):
+    """A ValueBank on a tiny backbone with randomised heads."""
+    from valuemix.heads.bank import ValueBank
+
+    bank = ValueBank(build_model(family, len(tokenizer), seed=seed), tokenizer)
+    for head in heads:
+        bank.add_head(head)
+    randomize_heads(bank, seed=seed)
+    return bank
+
+
+def brute_force_values(bank, input_ids, attention_mask, candidates, heads):
+    """V_h(s·a) for every candidate by a separate full forward of s·a: (n_heads, batch, k)."""
+    batch, k = candidates.shape
+    out = torch.zeros(len(heads), batch, k)
+    for c in range(k):
+        ids = torch.cat([input_ids, candidates[:, c:c + 1]], dim=1)
+        mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
+        out[:, :, c] = bank.values(ids, mask, heads=heads)[:, :, -1]
+    return out

@@ -1,0 +1,149 @@
+"""The mixer: exact base top-k at β = 0, brute-force equality of the added values, purity, errors."""
+
+import math
+
+import pytest
+import torch
+from conftest import brute_force_values, build_model, build_tokenizer, make_bank
+from transformers import LogitsProcessor, TopKLogitsWarper
+
+import valuemix as vm
+from valuemix.compose.candidates import real_token_mask
+
+PROMPTS = ["hello world", "the cat sat on the mat and the dog"]  # different lengths: left padding
+
+
+class Recorder(LogitsProcessor):
+    """Wraps the mixer inside `generate` and keeps (input_ids, scores in, scores out) of every call."""
+
+    def __init__(self, mixer):
+        self.mixer, self.calls = mixer, []
+
+    def __call__(self, input_ids, scores):
+        out = self.mixer(input_ids, scores)
+        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
+        return out
+
+
+def run_generate(base, tokenizer, processor, new_tokens=6, seed=0):
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    return base.generate(**enc, logits_processor=[processor], do_sample=True, max_new_tokens=new_tokens,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+
+
+def expected_scores(bank, input_ids, scores, weights, top_k):
+    """β·(V − mean V) added to the base top-k by brute force; -inf elsewhere."""
+    top, candidates = scores.topk(top_k, dim=-1)
+    heads = list(weights)
+    values = brute_force_values(bank, input_ids, real_token_mask(input_ids, bank.tokenizer.pad_token_id),
+                                candidates, heads)
+    beta = torch.tensor([weights[h] for h in heads])
+    bonus = torch.einsum("h,hbk->bk", beta, values - values.mean(-1, keepdim=True))
+    return torch.full_like(scores, -math.inf).scatter(-1, candidates, top + bonus)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_zero_coefficients_give_the_base_top_k_scores_exactly(tok):
+    bank = make_bank(tok)
+    mixer = vm.Mixer(bank, {"helpful": 0.0, "concise": 0.0}, top_k=7)
+    scores = torch.randn(3, len(tok))
+    out = mixer(torch.randint(3, len(tok), (3, 5)), scores)
+    expected = TopKLogitsWarper(top_k=7)(None, scores.clone())
+    assert torch.equal(out, expected)
+
+
+def test_zero_coefficients_sample_exactly_like_base_top_k(tok):
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    mixer = vm.Mixer(bank, {"helpful": 0.0}, top_k=5)
+    mixed = vm.generate(base, tok, PROMPTS, mixer, max_new_tokens=10, seed=3)
+    plain = vm.generate(base, tok, PROMPTS, None, max_new_tokens=10, seed=3,
+                        logits_processors=[TopKLogitsWarper(top_k=5)])
+    assert mixed.token_ids == plain.token_ids
+    assert mixed.kl == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_added_logits_equal_brute_force_inside_generate(tok, family):
+    base, bank = build_model(family, len(tok), seed=0), make_bank(tok, family)
+    weights = {"helpful": 1.5, "concise": -0.7}
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=6))
+    run_generate(base, tok, recorder, new_tokens=5)
+    assert len(recorder.calls) == 5
+    for input_ids, scores, out in recorder.calls:
+        torch.testing.assert_close(out, expected_scores(bank, input_ids, scores, weights, 6), atol=1e-4, rtol=0)
+
+
+def test_cold_call_equals_warm_call(tok):
+    """The mixer is a pure function: a fresh mixer, or one whose cache holds another sequence, agrees."""
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    weights = {"helpful": 2.0}
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=6))
+    run_generate(base, tok, recorder, new_tokens=4)
+    input_ids, scores, warm = recorder.calls[-1]
+    assert torch.equal(vm.Mixer(bank, weights, top_k=6)(input_ids, scores), warm)
+    busy = recorder.mixer  # its cache now holds the last step; feed it an unrelated shorter sequence first
+    busy(input_ids[:, :3], scores)
+    torch.testing.assert_close(busy(input_ids, scores), warm, atol=1e-5, rtol=0)
+
+
+def test_cache_expansion_fallback_agrees_with_brute_force(tok):
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    bank.tree_masks_ok = False  # as for an architecture that rejects custom 4D masks
+    weights = {"helpful": 1.0, "concise": 0.5}
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=4))
+    run_generate(base, tok, recorder, new_tokens=3)
+    for input_ids, scores, out in recorder.calls:
+        torch.testing.assert_close(out, expected_scores(bank, input_ids, scores, weights, 4), atol=1e-4, rtol=0)
+
+
+def test_first_scoring_detects_that_tree_masks_work(tok):
+    bank = make_bank(tok)
+    vm.Mixer(bank, {"helpful": 1.0}, top_k=3)(torch.tensor([[5, 6, 7]]), torch.randn(1, len(tok)))
+    assert bank.tree_masks_ok is True
+
+
+def test_outside_top_k_left_unchanged_when_asked(tok):
+    bank = make_bank(tok)
+    scores = torch.randn(2, len(tok))
+    out = vm.Mixer(bank, {"helpful": 3.0}, top_k=5, mask_outside_top_k=False)(torch.tensor([[5, 6], [7, 8]]), scores)
+    top = scores.topk(5).indices
+    outside = torch.ones_like(scores, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(out[outside], scores[outside])
+    assert not torch.equal(out.gather(-1, top), scores.gather(-1, top))
+
+
+def test_set_weights_changes_the_mix_without_reloading(tok):
+    bank = make_bank(tok)
+    mixer = vm.Mixer(bank, {"helpful": 1.0}, top_k=5)
+    ids, scores = torch.tensor([[5, 6, 7]]), torch.randn(1, len(tok))
+    steered = mixer(ids, scores)
+    mixer.set_weights({"helpful": 0.0})
+    assert torch.equal(mixer(ids, scores), mixer.reference(scores))
+    mixer.set_weights({"helpful": 2.0})
+    bonus = mixer(ids, scores) - mixer.reference(scores)
+    finite = torch.isfinite(bonus)
+    torch.testing.assert_close(bonus[finite], 2 * (steered - mixer.reference(scores))[finite], atol=1e-5, rtol=0)
+
+
+def test_bad_weights_get_clear_errors(tok):
+    bank = make_bank(tok)
+    with pytest.raises(KeyError, match="Unknown head 'helpfull'. Heads on this bank: 'helpful', 'concise'"):
+        vm.Mixer(bank, {"helpfull": 1.0})
+    with pytest.raises(ValueError, match=r"Coefficient 50.0 for head 'helpful' is outside its range \[-10.0, 10.0\]"):
+        vm.Mixer(bank, {"helpful": 50.0})
+    with pytest.raises(ValueError, match="must be a finite number, got nan"):
+        vm.Mixer(bank, {"helpful": float("nan")})
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        vm.Mixer(bank, {}, top_k=0)
+
+
+def test_tokenizer_mismatch_is_refused(tok):
+    bank = make_bank(tok)
+    other = build_tokenizer(vocab_size=300)
+    with pytest.raises(ValueError, match="Tokenizer mismatch: the base model uses .* but the value backbone"):
+        vm.Mixer(bank, {"helpful": 1.0}, tokenizer=other)
