@@ -190,7 +190,7 @@ class ValueBank:
         from peft import get_peft_model_state_dict
 
         state = {f"adapter.{k}": v.detach().clone() for k, v in
-                 get_peft_model_state_dict(self.model, adapter_name=name).items()}
+                 get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False).items()}
         state.update({f"value.{k}": v.detach().clone() for k, v in self.value_layers[name].state_dict().items()})
         return state
 

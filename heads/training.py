@@ -1,0 +1,275 @@
+"""TD(λ) value regression for one head, from base samples scored with a reward.
+
+For a sample (prompt x, completion y_1..y_T) with reward r, the states are the prefixes
+s_t = x·y_1..y_t, t = 1..T. The head regresses V(s_t) onto the λ-return (γ = 1, no reward
+before the end):
+    G_T = r,        G_t = (1 − λ) V(s_{t+1}) + λ G_{t+1}        (t < T)
+λ = 1 gives Monte Carlo (G_t = r); λ = 0 gives one-step TD. Loss: ½ · MSE over completion states.
+Only the head's LoRA matrices and value layer are trained; the backbone and other heads stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_directory
+from .bank import ValueBank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `train_head`.
+
+    Attributes:
+        lam: TD(λ) λ in [0, 1]; 1.0 is Monte Carlo regression onto the final reward.
+        epochs: passes over the samples.
+        batch_size: samples per optimisation step.
+        learning_rate: AdamW learning rate of the LoRA matrices.
+        value_learning_rate: AdamW learning rate of the scalar value layer.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping (0 disables it).
+        max_length: longest prompt + completion in tokens; longer ones lose prompt tokens on the left.
+        normalize_rewards: train on (r − mean) / std so that β means the same for every head.
+        seed: seed of the sample order.
+        max_steps: stop after this many optimisation steps in total (None: run every epoch).
+        checkpoint_dir: folder for checkpoints (head, optimiser and progress, safetensors + JSON).
+        checkpoint_every: steps between checkpoints (one is also written at the end).
+        resume: continue from the checkpoint in `checkpoint_dir` if there is one.
+        progress: show a tqdm progress bar.
+    """
+
+    lam: float = 0.95
+    epochs: int = 2
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    value_learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    normalize_rewards: bool = True
+    seed: int = 0
+    max_steps: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1] (got {self.lam}); 0.95 is the usual choice, 1.0 is Monte Carlo.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be at least 1 (got {self.epochs}, {self.batch_size}).")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed to.")
+
+
+def td_targets(values: torch.Tensor, rewards: torch.Tensor, states: torch.Tensor, lam: float) -> torch.Tensor:
+    """λ-returns (batch, seq) for every position; meaningful where `states` is True.
+
+    values: (batch, seq) V of the prefix ending at each position (detached).
+    rewards: (batch,) the completion's reward, the target of its last state.
+    states: (batch, seq) bool, True on completion states (contiguous, the last one is the full sequence).
+    Vectorised: with x_j = V_j on states and x_j = r after the last state,
+        G_t = Σ_{j>t} (1 − λ) λ^(j−t−1) x_j + λ^(T−1−t) r,
+    which equals the recursion G_t = (1 − λ) V_{t+1} + λ G_{t+1}, G_last = r.
+    """
+    seq = values.shape[1]
+    x = torch.where(states, values, rewards[:, None].to(values.dtype))
+    t = torch.arange(seq, device=values.device, dtype=values.dtype)
+    gap = t[None, :] - t[:, None] - 1  # gap[t, j] = j − t − 1
+    weights = torch.where(gap >= 0, (1 - lam) * lam ** gap.clamp_min(0), torch.zeros_like(gap))
+    tail = lam ** (seq - 1 - t)
+    return x @ weights.T + rewards[:, None].to(values.dtype) * tail[None, :]
+
+
+def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainConfig | None = None,
+               description: str | None = None) -> dict:
+    """Fit head `name` to the values of reward column `reward` of `samples` by TD(λ) regression.
+
+    samples: a `datasets.Dataset` from `sample_base` + `score` (prompt_ids, completion_ids, reward column).
+    Returns the training metrics (also stored in the head's config): loss per logged step, final
+    loss, steps, seconds and states per second.
+    """
+    config = config or TrainConfig()
+    bank.check_heads([name])
+    rewards, prompt_ids, completion_ids = _checked_data(bank, samples, reward)
+    mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
+    targets = (rewards - mean) / std
+
+    params = bank.head_parameters(name)
+    lora = params[:-2]
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": config.learning_rate},
+                                   {"params": params[-2:], "lr": config.value_learning_rate}],
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(targets) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    state = {"step": 0, "history": [], "states": 0, "seconds": 0.0}
+    if config.resume:
+        state = _restore(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
+
+    start = time.perf_counter() - state["seconds"]
+    bar = tqdm(total=total, initial=state["step"], desc=f"train {name}", disable=not config.progress)
+    with bank.lock:
+        bank.model.set_adapter(name)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for epoch in range(config.epochs):
+                order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(config.seed + epoch))
+                for batch_index in range(steps_per_epoch):
+                    step = epoch * steps_per_epoch + batch_index
+                    if step < state["step"]:
+                        continue  # done before the checkpoint we resumed from
+                    if step >= total:
+                        break
+                    rows = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size].tolist()
+                    loss, n_states = _step(bank, name, optimizer, params, config, rows, prompt_ids,
+                                           completion_ids, targets)
+                    state["step"] = step + 1
+                    state["states"] += n_states
+                    state["history"].append({"step": step + 1, "epoch": epoch, "loss": loss})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if config.checkpoint_dir and state["step"] % config.checkpoint_every == 0:
+                        state["seconds"] = time.perf_counter() - start
+                        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+            bar.close()
+    state["seconds"] = time.perf_counter() - start
+    if config.checkpoint_dir:
+        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
+
+    last = state["history"][-steps_per_epoch:]
+    metrics = {"final_loss": sum(h["loss"] for h in last) / max(len(last), 1), "steps": state["step"],
+               "seconds": round(state["seconds"], 2), "states_per_second": state["states"] / max(state["seconds"], 1e-9),
+               "loss_history": [round(h["loss"], 6) for h in state["history"]]}
+    head = bank.configs[name]
+    head.reward, head.lam, head.data_size = description or reward, config.lam, len(targets)
+    head.reward_mean, head.reward_std = mean, std
+    head.base_model = samples[0]["base_model"] if "base_model" in samples.column_names else head.base_model
+    head.metrics = {k: v for k, v in metrics.items() if k != "loss_history"}
+    logger.info("trained head %s: %s", name, head.metrics)
+    return metrics
+
+
+def _step(bank, name, optimizer, params, config, rows, prompt_ids, completion_ids, targets):
+    """One optimisation step on samples `rows`; returns (loss, number of states)."""
+    input_ids, attention_mask, states = _collate([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                                 config.max_length, bank.tokenizer.pad_token_id or 0)
+    input_ids, attention_mask, states = (t.to(bank.device) for t in (input_ids, attention_mask, states))
+    hidden = bank.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    values = bank.project(hidden[None], [name])[0]  # (batch, seq)
+    returns = td_targets(values.detach(), targets[rows].to(values), states, config.lam)
+    loss = 0.5 * ((values - returns) ** 2 * states).sum() / states.sum()  # ½·MSE over completion states
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    return loss.item(), int(states.sum())
+
+
+def _collate(prompts: list[list[int]], completions: list[list[int]], max_length: int, pad_id: int):
+    """Right-padded (input_ids, attention_mask, completion-state mask), each (batch, seq)."""
+    sequences, n_prompt = [], []
+    for p, c in zip(prompts, completions):
+        seq = (p + c)[-max_length:]
+        sequences.append(seq)
+        n_prompt.append(max(len(seq) - len(c), 0))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    states = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (seq, n) in enumerate(zip(sequences, n_prompt)):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        states[i, n:len(seq)] = True
+    return input_ids, attention_mask, states
+
+
+def _checked_data(bank: ValueBank, samples, reward: str):
+    """(rewards (n,), prompt ids, completion ids) after checking the samples fit the bank."""
+    missing = {"prompt_ids", "completion_ids", reward} - set(samples.column_names)
+    if missing:
+        raise ValueError(f"The samples have no column(s) {sorted(missing)}: make them with vm.sample_base and add "
+                         f"the reward with vm.score(samples, {{'{reward}': reward_fn}}).")
+    if len(samples) == 0:
+        raise ValueError("The samples are empty: sample some completions with vm.sample_base first.")
+    if "tokenizer_fingerprint" in samples.column_names:
+        theirs = samples[0]["tokenizer_fingerprint"]
+        if theirs != bank.fingerprint:
+            raise ValueError(f"The samples were tokenized with tokenizer {theirs} but the bank's backbone "
+                             f"{bank.backbone_id} uses {bank.fingerprint}: sample with a base model that shares "
+                             "the backbone's tokenizer.")
+    rewards = torch.tensor(samples[reward], dtype=torch.float32)
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"Reward '{reward}' is not a finite number at row {int(bad[0])}: fix the reward function "
+                         "and re-run vm.score.")
+    completion_ids = samples["completion_ids"]
+    empty = [i for i, c in enumerate(completion_ids) if not c]
+    if empty:
+        raise ValueError(f"Sample {empty[0]} has an empty completion: a value head needs completion tokens.")
+    return rewards, samples["prompt_ids"], completion_ids
+
+
+def _reward_stats(rewards: torch.Tensor) -> tuple[float, float]:
+    mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
+    if std < 1e-8:
+        logger.warning("Every sample has the same reward (%s): the head cannot learn anything from it.", mean)
+        std = 1.0
+    return mean, std
+
+
+# ------------------------------------------------------------------ checkpoints
+def _checkpoint(bank, name, optimizer, directory: Path, data_size: int, state: dict) -> None:
+    """Write head weights, optimiser state and progress atomically (safetensors + JSON, no pickle)."""
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": value for pid, s in opt["state"].items() for key, value in s.items()}
+    with atomic_directory(directory) as folder:
+        tmp = Path(folder)
+        save_file({k: v.contiguous() for k, v in bank.head_state(name).items()}, str(tmp / "head_state.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"head": name, "data_size": data_size, "param_groups": opt["param_groups"], **state}, indent=1))
+
+
+def _restore(bank, name, optimizer, directory: Path, data_size: int, fresh: dict) -> dict:
+    """Load a checkpoint written by `_checkpoint` into the head and optimiser; returns the progress."""
+    state_file = directory / "trainer_state.json"
+    if not state_file.exists():
+        logger.info("No checkpoint in %s: starting from scratch.", directory)
+        return fresh
+    saved = json.loads(state_file.read_text())
+    if saved["head"] != name or saved["data_size"] != data_size:
+        raise ValueError(f"The checkpoint in {directory} is for head '{saved['head']}' on {saved['data_size']} "
+                         f"samples, not head '{name}' on {data_size}: use another checkpoint_dir or resume=False.")
+    head_state = load_file(str(directory / "head_state.safetensors"))
+    adapter = {k[len("adapter."):]: v for k, v in head_state.items() if k.startswith("adapter.")}
+    set_peft_model_state_dict(bank.model, adapter, adapter_name=name)
+    bank.value_layers[name].load_state_dict({k[len("value."):]: v for k, v in head_state.items()
+                                             if k.startswith("value.")})
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        pid, field = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[field] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": saved["param_groups"]})
+    logger.info("Resumed head %s from step %d (%s).", name, saved["step"], directory)
+    return {k: saved[k] for k in fresh}
