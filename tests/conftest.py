@@ -1,71 +1,10 @@
-"""Shared fixtures: a byte-level BPE tokenizer trained on the spot and tiny causal LMs of three families."""
+"""Shared fixtures: the tiny tokenizer and models of valuemix.tiny, banks with randomised heads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
-
-CORPUS = [
-    "the cat sat on the mat and the dog ran in the park",
-    "a happy day is a good day, a sad day is a bad day",
-    "please write a short answer. yes no maybe always never",
-    "hello world! how are you? i am fine, thank you very much.",
-    "one two three four five six seven eight nine ten",
-    "red green blue yellow black white orange purple",
-] * 4
-FAMILIES = ["llama", "gpt2", "qwen2"]
-
-
-def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on CORPUS, with <s>, </s> and <pad> special tokens."""
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-    )
-    return tok
-
-
-def build_model(family: str, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A tiny randomly initialised causal LM of one family, in eval mode."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "llama":
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
-        model = LlamaForCausalLM(config)
-    elif family == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
-        model = GPT2LMHeadModel(config)
-    elif family == "qwen2":
-        config = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
-        model = Qwen2ForCausalLM(config)
-    else:
-        raise ValueError(family)
-    return model.eval()
+from valuemix.tiny import FAMILIES, build_model, build_tokenizer  # noqa: F401  (tests import them from here)
 
 
 @pytest.fixture(scope="session")

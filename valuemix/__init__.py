@@ -17,8 +17,9 @@ from .heads.bank import ValueBank
 from .heads.fingerprint import tokenizer_fingerprint
 from .heads.head_config import HeadConfig
 from .heads.sampling import sample_base, score
+from .heads.training import TrainConfig, td_targets, train_head
 
 __all__ = [
     "CandidateScorer", "Generation", "HeadConfig", "Mixer", "Stream", "TextPiece", "ValueBank", "generate",
-    "rewards", "sample_base", "score", "tokenizer_fingerprint",
+    "TrainConfig", "rewards", "sample_base", "score", "td_targets", "tokenizer_fingerprint", "train_head",
 ]

@@ -1,0 +1,450 @@
+"""Decoding benchmark: plain sampling vs the reference VAS decoder vs valuemix with 1, 2 and 4 heads.
+
+    python -m valuemix.bench                      # SmolLM2-135M-shaped random models, batch 1
+    python -m valuemix.bench --batch 1 4 --repeats 5 --markdown bench_out/bench.md
+
+Everything runs in one process on the same randomly initialised models (float32, CPU by default):
+a base `LlamaForCausalLM` and a value backbone of the same shape (or shallower: --backbone-layers),
+a word-level tokenizer with exactly --vocab tokens, and random prompts of --prompt-tokens tokens.
+Special tokens (EOS, pad, ...) are masked out of the base logits, so every run generates exactly
+--new-tokens tokens per row.
+
+Reported per configuration: ms per generated token (median over --repeats runs after --warmup runs,
+the configurations interleaved round by round), from the wall time of the whole call (tokenisation,
+checks, prefill and decoding) divided by --new-tokens; the decoding loop alone is reported beside it.
+Then the ratios reference / valuemix-1-head (target >= 5x), valuemix-4-heads / valuemix-1-head
+(target <= 3x) and valuemix-1-head / plain; head training throughput (states per second of
+`train_head`); and the bytes one head adds (its saved files, or its parameters).
+Results go to stdout as Markdown, to --out as JSON (written atomically), and to --markdown if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run (see `make_parser` for the flags)."""
+
+    layers: int = 30
+    hidden: int = 576
+    intermediate: int = 1536
+    attention_heads: int = 9
+    kv_heads: int = 3
+    vocab: int = 49152
+    backbone_layers: int | None = None  # None: same as layers
+    top_k: int = 20
+    new_tokens: int = 32
+    prompt_tokens: int = 32
+    batch: list[int] = field(default_factory=lambda: [1])
+    heads: list[int] = field(default_factory=lambda: [1, 2, 4])
+    beta: float = 1.0
+    repeats: int = 3
+    warmup: int = 1
+    threads: int = 2
+    seed: int = 0
+    reference: bool = True
+    train: bool = True
+    train_prompts: int = 4
+    train_per_prompt: int = 2
+    train_prompt_tokens: int = 16
+    train_new_tokens: int = 16
+    train_repeats: int = 2
+    out: str = "bench_out/bench.json"
+    markdown: str | None = None
+    progress: bool = True
+
+
+# ------------------------------------------------------------------ models and data
+def build_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer with exactly `vocab_size` tokens: 4 specials, then 'w4', 'w5', ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"--vocab must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", padding_side="left")
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<s>{% endif %}")
+    return tokenizer
+
+
+def llama_config(cfg: BenchConfig, layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=layers,
+                       num_attention_heads=cfg.attention_heads, num_key_value_heads=cfg.kv_heads,
+                       vocab_size=cfg.vocab, tie_word_embeddings=True, max_position_embeddings=2048,
+                       rope_theta=100000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_models(cfg: BenchConfig):
+    """(base LlamaForCausalLM, backbone LlamaModel): random, float32, eval mode, sdpa attention."""
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    torch.manual_seed(cfg.seed)
+    base = LlamaForCausalLM._from_config(llama_config(cfg, cfg.layers), attn_implementation="sdpa",
+                                         dtype=torch.float32).eval()
+    torch.manual_seed(cfg.seed + 1)
+    backbone = LlamaModel._from_config(llama_config(cfg, cfg.backbone_layers or cfg.layers),
+                                       attn_implementation="sdpa", dtype=torch.float32).eval()
+    return base, backbone
+
+
+def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[str]:
+    """`n` prompts of exactly `length` random non-special tokens each."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (n, length), generator=generator)
+    return [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
+
+
+class BanTokens:
+    """A logits processor that makes some ids impossible (the specials: no EOS, so every run is full length)."""
+
+    def __init__(self, ids):
+        self.ids = torch.tensor(sorted(ids))
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, self.ids.to(scores.device), -torch.inf)
+
+
+def randomise_head(bank, name: str, seed: int, lora_scale: float = 0.02, value_scale: float | None = None) -> None:
+    """Small random LoRA B matrices and value layer, so that the head's values are non-zero and differ per token."""
+    generator = torch.Generator().manual_seed(seed)
+    value_scale = bank.hidden_size ** -0.5 if value_scale is None else value_scale
+    with torch.no_grad():
+        for pname, param in bank.model.named_parameters():
+            if f".lora_B.{name}." in pname:
+                param.copy_(torch.randn(param.shape, generator=generator) * lora_scale)
+        layer = bank.value_layers[name]
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * value_scale)
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
+
+
+def make_bank(backbone, tokenizer, n_heads: int, seed: int):
+    """A ValueBank on (a copy of) `backbone` with `n_heads` random heads h0, h1, ..."""
+    from .heads.bank import ValueBank
+
+    bank = ValueBank(backbone, tokenizer=tokenizer)
+    for i in range(n_heads):
+        bank.add_head(f"h{i}")
+        randomise_head(bank, f"h{i}", seed=seed + 100 * i)
+    return bank
+
+
+# ------------------------------------------------------------------ measurements
+def training_throughput(bank, samples, reward: str, repeats: int = 2, epochs: int = 1, seed: int = 0) -> dict:
+    """States per second of `valuemix.heads.training.train_head` on `samples` (one warm-up run, then `repeats`).
+
+    states = completion tokens × epochs. Each run trains a fresh head, removed afterwards.
+    """
+    from .heads.training import TrainConfig, train_head
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in dict(epochs=epochs, progress=False, seed=seed).items() if k in known}
+    states = sum(len(c) for c in samples["completion_ids"]) * epochs
+    seconds = []
+    for run in range(1 + repeats):
+        name = f"bench_train_{run}"
+        bank.add_head(name)
+        try:
+            start = time.perf_counter()
+            train_head(bank, name, samples, reward=reward, config=TrainConfig(**kwargs))
+            elapsed = time.perf_counter() - start
+        finally:
+            bank.remove_head(name)
+        if run:  # run 0 is the warm-up
+            seconds.append(elapsed)
+    median = statistics.median(seconds)
+    return dict(states=states, samples=len(samples), epochs=epochs, seconds=seconds, median_seconds=median,
+                states_per_second=states / median)
+
+
+def head_bytes(bank, name: str) -> dict:
+    """Bytes one head adds: the size of its saved adapter + value layer safetensors (bank.save_head) when
+    that works, else the bytes of its parameters. Both numbers are given when available."""
+    params = bank.head_parameters(name)
+    out = dict(head=name, parameters=sum(p.numel() for p in params),
+               parameter_bytes=sum(p.numel() * p.element_size() for p in params))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp) / name
+            bank.save_head(name, directory)
+            files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+        weight_files = {k: v for k, v in files.items() if k.endswith(".safetensors")}
+        if not weight_files:
+            raise FileNotFoundError(f"save_head wrote no .safetensors files ({sorted(files)})")
+        out.update(method="save_head (safetensors on disk)", bytes=sum(weight_files.values()),
+                   files=files, directory_bytes=sum(files.values()))
+    except Exception as err:  # save_head not written yet, or failing: fall back to parameter bytes
+        out.update(method="parameter bytes of bank.head_parameters (save_head unavailable)",
+                   bytes=out["parameter_bytes"], save_error=f"{type(err).__name__}: {err}")
+    return out
+
+
+def machine_info() -> dict:
+    import peft
+    import transformers
+
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                python=platform.python_version(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+
+
+def _decode_cases(cfg, base, tokenizer, banks, ban):
+    """(row name, batch, n_heads, function(prompts) -> (Generation, wall seconds)) for every configuration."""
+    from .compose.generate import generate
+    from .compose.mixer import Mixer
+    from .compose.reference import reference_generate
+
+    def timed(fn):
+        def run(prompts):
+            start = time.perf_counter()
+            result = fn(prompts)
+            return result, time.perf_counter() - start
+        return run
+
+    cases = []
+    for batch in cfg.batch:
+        cases.append(("plain", batch, 0, timed(lambda p: generate(
+            base, tokenizer, p, None, max_new_tokens=cfg.new_tokens, seed=cfg.seed, logits_processors=[ban]))))
+        if cfg.reference:
+            bank = banks[min(banks)]
+            cases.append(("reference VAS (1 head)", batch, 1, timed(lambda p, bank=bank: reference_generate(
+                base, tokenizer, bank, bank.heads[0], cfg.beta, p, top_k=cfg.top_k, max_new_tokens=cfg.new_tokens,
+                seed=cfg.seed, logits_processors=[ban]))))
+        for n_heads, bank in sorted(banks.items()):
+            mixer = Mixer(bank, {h: cfg.beta for h in bank.heads}, top_k=cfg.top_k, tokenizer=tokenizer)
+            cases.append((f"valuemix {n_heads} head{'s' if n_heads > 1 else ''}", batch, n_heads,
+                          timed(lambda p, mixer=mixer: generate(base, tokenizer, p, mixer,
+                                                                max_new_tokens=cfg.new_tokens, seed=cfg.seed,
+                                                                logits_processors=[ban]))))
+    return cases
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Run the benchmark; returns the results (also what goes into the JSON file)."""
+    torch.set_num_threads(cfg.threads)
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.new_tokens < 1 or cfg.prompt_tokens < 1 or min(cfg.batch) < 1:
+        raise ValueError("need --repeats >= 1, --warmup >= 0, --new-tokens >= 1, --prompt-tokens >= 1, --batch >= 1")
+    if not cfg.heads or min(cfg.heads) < 1:
+        raise ValueError(f"--heads must list positive head counts, got {cfg.heads}")
+    from .heads.fingerprint import tokenizer_fingerprint
+
+    started = time.time()
+    tokenizer = build_tokenizer(cfg.vocab)
+    base, backbone = build_models(cfg)
+    banks = {n: make_bank(backbone, tokenizer, n, seed=cfg.seed) for n in sorted(set(cfg.heads))}
+    ban = BanTokens(range(len(SPECIAL_TOKENS)))
+    prompts = {b: random_prompts(b, cfg.prompt_tokens, cfg.vocab, cfg.seed + b) for b in cfg.batch}
+    cases = _decode_cases(cfg, base, tokenizer, banks, ban)
+    train_steps = 1 if cfg.train else 0
+    bar = tqdm(total=(cfg.warmup + cfg.repeats) * len(cases) + train_steps + 1, desc="bench",
+               disable=not cfg.progress, file=sys.stderr)
+
+    # Decoding: the configurations are interleaved round by round, so that load drifts hit them alike.
+    timings = {i: dict(wall=[], loop=[]) for i in range(len(cases))}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        for i, (name, batch, _, fn) in enumerate(cases):
+            bar.set_postfix_str(f"{name} b{batch} {'warm-up' if round_ < cfg.warmup else 'round'} {round_ + 1}")
+            result, wall = fn(prompts[batch])
+            lengths = {len(t) for t in result.token_ids}
+            if lengths != {cfg.new_tokens}:
+                raise RuntimeError(f"{name}: generated {sorted(lengths)} tokens per row, expected {cfg.new_tokens}")
+            if round_ >= cfg.warmup:
+                timings[i]["wall"].append(wall)
+                timings[i]["loop"].append(result.seconds)
+            bar.update(1)
+
+    rows = []
+    for i, (name, batch, n_heads, _) in enumerate(cases):
+        wall, loop = timings[i]["wall"], timings[i]["loop"]
+        ms = [1000 * s / cfg.new_tokens for s in wall]
+        rows.append(dict(name=name, batch=batch, heads=n_heads, ms_per_token=statistics.median(ms),
+                         ms_per_token_runs=ms, loop_ms_per_token=1000 * statistics.median(loop) / cfg.new_tokens,
+                         tokens_per_second=batch * cfg.new_tokens / statistics.median(wall)))
+    ratios = []
+    for batch in cfg.batch:
+        by_name = {r["name"]: r["ms_per_token"] for r in rows if r["batch"] == batch}
+        one = by_name.get("valuemix 1 head")
+        four = by_name.get("valuemix 4 heads")
+        ref = by_name.get("reference VAS (1 head)")
+        if one is not None and ref is not None:
+            ratios.append(dict(name="reference / valuemix 1 head", batch=batch, value=ref / one, target=">= 5",
+                               met=ref / one >= 5))
+        if one is not None and four is not None:
+            ratios.append(dict(name="valuemix 4 heads / valuemix 1 head", batch=batch, value=four / one,
+                               target="<= 3", met=four / one <= 3))
+        if one is not None:
+            ratios.append(dict(name="valuemix 1 head / plain", batch=batch, value=one / by_name["plain"],
+                               target=None, met=None))
+
+    training = None
+    if cfg.train:
+        bar.set_postfix_str("head training")
+        training = _training_section(cfg, base, tokenizer, banks[min(banks)])
+        bar.update(1)
+    bar.set_postfix_str("head size")
+    size_bank = banks[min(banks)]
+    size = head_bytes(size_bank, size_bank.heads[0])
+    bar.update(1)
+    bar.close()
+
+    start = time.perf_counter()
+    tokenizer_fingerprint(tokenizer)
+    fingerprint_ms = 1000 * (time.perf_counter() - start)
+    return dict(
+        config=dataclasses.asdict(cfg), machine=machine_info(), rows=rows, ratios=ratios, training=training,
+        head_size=size, notes=dict(
+            ms_per_token="wall time of the whole call / new tokens, median over repeats (prefill included)",
+            loop_ms_per_token="decoding loop only (Generation.seconds / new tokens), median",
+            tokenizer_fingerprint_ms=fingerprint_ms,
+            tree_masks_ok={n: b.tree_masks_ok for n, b in banks.items()},
+        ),
+        started=started, seconds=time.time() - started,
+    )
+
+
+def _training_section(cfg: BenchConfig, base, tokenizer, bank) -> dict:
+    """Samples from the bench base (few short prompts), a rule reward, then `training_throughput`."""
+    from .heads.sampling import sample_base, score
+
+    prompts = random_prompts(cfg.train_prompts, cfg.train_prompt_tokens, cfg.vocab, cfg.seed + 1000)
+    try:
+        samples = sample_base(base, tokenizer, prompts, n_per_prompt=cfg.train_per_prompt,
+                              max_new_tokens=cfg.train_new_tokens, seed=cfg.seed, progress=False)
+        samples = score(samples, {"length": lambda p, c: [len(x.split()) / 10 for x in c]}, progress=False)
+        return dict(status="ok", **training_throughput(bank, samples, "length", repeats=cfg.train_repeats,
+                                                       seed=cfg.seed))
+    except ImportError as err:
+        return dict(status=f"unavailable: {err}")
+    except Exception as err:  # the trainer is young; a failure must not lose the decoding numbers
+        return dict(status=f"failed: {type(err).__name__}: {err}")
+
+
+# ------------------------------------------------------------------ output
+def format_markdown(results: dict) -> str:
+    cfg, m = results["config"], results["machine"]
+    lines = [
+        f"## valuemix decoding benchmark",
+        "",
+        f"Models: random Llama, {cfg['layers']} layers (backbone {cfg['backbone_layers'] or cfg['layers']}), "
+        f"hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, vocab {cfg['vocab']}, float32. "
+        f"top-k {cfg['top_k']}, {cfg['prompt_tokens']} prompt tokens, {cfg['new_tokens']} new tokens, "
+        f"median of {cfg['repeats']} runs after {cfg['warmup']} warm-up.",
+        f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
+        "",
+        "| configuration | batch | ms/token | loop ms/token | tokens/s | runs (ms/token) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results["rows"]:
+        runs = ", ".join(f"{x:.1f}" for x in r["ms_per_token_runs"])
+        lines.append(f"| {r['name']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['loop_ms_per_token']:.1f} | "
+                     f"{r['tokens_per_second']:.1f} | {runs} |")
+    lines += ["", "| ratio | batch | value | target | met |", "|---|---:|---:|---|---|"]
+    for r in results["ratios"]:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['name']} | {r['batch']} | {r['value']:.2f}× | {r['target'] or ''} | {met} |")
+    lines.append("")
+    t = results["training"]
+    if t is None:
+        lines.append("Head training throughput: skipped.")
+    elif t["status"] == "ok":
+        lines.append(f"Head training throughput: {t['states_per_second']:.1f} states/s "
+                     f"({t['states']} states = {t['samples']} samples × {t['epochs']} epoch, "
+                     f"median {t['median_seconds']:.2f} s).")
+    else:
+        lines.append(f"Head training throughput: {t['status']}")
+    s = results["head_size"]
+    lines.append(f"Bytes a head adds: {s['bytes']:,} ({s['bytes'] / 2**20:.2f} MiB; {s['parameters']:,} parameters; "
+                 f"{s['method']}).")
+    lines.append(f"tokenizer_fingerprint per call: {results['notes']['tokenizer_fingerprint_ms']:.1f} ms.")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------ CLI
+def make_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m valuemix.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=d.layers, help="base model layers")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--intermediate", type=int, default=d.intermediate)
+    p.add_argument("--attention-heads", type=int, default=d.attention_heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--vocab", type=int, default=d.vocab)
+    p.add_argument("--backbone-layers", type=int, default=d.backbone_layers,
+                   help="value backbone layers (default: same as --layers)")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    p.add_argument("--batch", type=int, nargs="+", default=d.batch, help="batch size(s)")
+    p.add_argument("--heads", type=int, nargs="+", default=d.heads, help="head counts for valuemix")
+    p.add_argument("--beta", type=float, default=d.beta, help="coefficient of every head")
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the slow reference")
+    p.add_argument("--no-train", dest="train", action="store_false", help="skip head training throughput")
+    p.add_argument("--train-prompts", type=int, default=d.train_prompts)
+    p.add_argument("--train-per-prompt", type=int, default=d.train_per_prompt)
+    p.add_argument("--train-prompt-tokens", type=int, default=d.train_prompt_tokens)
+    p.add_argument("--train-new-tokens", type=int, default=d.train_new_tokens)
+    p.add_argument("--train-repeats", type=int, default=d.train_repeats)
+    p.add_argument("--out", default=d.out, help="JSON results file")
+    p.add_argument("--markdown", default=d.markdown, help="also write the Markdown table here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    cfg = BenchConfig(**vars(args))
+    results = run(cfg)
+    table = format_markdown(results)
+    print(table)
+    write_atomically(cfg.out, json.dumps(results, indent=2, default=str) + "\n")
+    if cfg.markdown:
+        write_atomically(cfg.markdown, table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
