@@ -1,0 +1,93 @@
+"""ValueBank: heads on one backbone, mixed-adapter values, loading the backbone, errors."""
+
+import pytest
+import torch
+from conftest import FAMILIES, build_model, build_tokenizer, make_bank
+
+import valuemix as vm
+
+TEXTS = ["hello world", "the cat sat on the mat and the dog"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_adapter_values_equal_one_head_at_a_time(tok, family):
+    bank = make_bank(tok, family, heads=("helpful", "concise", "cheerful"))
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    together = bank.values(enc.input_ids, enc.attention_mask)
+    assert together.shape == (3, 2, enc.input_ids.shape[1])
+    for i, head in enumerate(bank.heads):
+        alone = bank.values(enc.input_ids, enc.attention_mask, heads=[head])[0]
+        torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(together[0], together[1])  # the heads really differ
+
+
+def test_left_padding_does_not_change_a_rows_values(tok):
+    bank = make_bank(tok)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    single = tok(TEXTS[:1], return_tensors="pt")
+    batched = bank.values(enc.input_ids, enc.attention_mask)[:, 0, -single.input_ids.shape[1]:]
+    torch.testing.assert_close(batched, bank.values(single.input_ids)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_a_new_head_is_zero_and_adding_it_leaves_others_unchanged(tok):
+    bank = make_bank(tok)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    before = bank.values(enc.input_ids, enc.attention_mask)
+    bank.add_head("fresh")
+    assert torch.equal(bank.values(enc.input_ids, enc.attention_mask, heads=["fresh"]),
+                       torch.zeros(1, *enc.input_ids.shape))
+    torch.testing.assert_close(bank.values(enc.input_ids, enc.attention_mask, heads=["helpful", "concise"]), before)
+
+
+def test_remove_head_frees_it_and_keeps_the_others(tok):
+    bank = make_bank(tok)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    concise = bank.values(enc.input_ids, enc.attention_mask, heads=["concise"])
+    bank.remove_head("helpful")
+    assert bank.heads == ["concise"]
+    torch.testing.assert_close(bank.values(enc.input_ids, enc.attention_mask), concise)
+    bank.remove_head("concise")
+    assert bank.heads == [] and not any("lora_" in n for n, _ in bank.model.named_parameters())
+    bank.add_head("again")  # the bank is usable after its last head went
+
+
+def test_the_model_passed_in_is_never_changed(tok):
+    base = build_model("llama", len(tok))
+    weights = {n: p.clone() for n, p in base.named_parameters()}
+    bank = vm.ValueBank(base, tok)
+    bank.add_head("helpful")
+    assert not any("lora_" in n for n, _ in base.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in base.named_parameters())
+
+
+def test_backbone_loads_from_a_folder_without_its_lm_head(tok, tmp_path):
+    model = build_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    bank = vm.ValueBank(str(tmp_path / "backbone"))
+    assert bank.fingerprint == vm.tokenizer_fingerprint(tok)
+    assert not hasattr(bank.decoder, "lm_head")
+    assert bank.probe == vm.ValueBank(model, tok).probe  # same weights as the object it was saved from
+
+
+def test_errors_name_the_problem(tok, tmp_path):
+    bank = make_bank(tok)
+    with pytest.raises(KeyError, match="Unknown head 'nope'. Heads on this bank: 'helpful', 'concise'."):
+        bank.values(torch.tensor([[4, 5]]), heads=["nope"])
+    with pytest.raises(ValueError, match="Head 'helpful' is already on the bank"):
+        bank.add_head("helpful")
+    with pytest.raises(ValueError, match="Head name 'a b' is not valid"):
+        bank.add_head("a b")
+    with pytest.raises(ValueError, match="ValueBank needs the backbone's tokenizer"):
+        vm.ValueBank(build_model("llama", len(tok)))
+    with pytest.raises(ValueError, match="Tokenizer mismatch: the base model uses"):
+        bank.check_tokenizer(build_tokenizer(vocab_size=300))
+    with pytest.raises(OSError, match="Could not load the value backbone"):
+        vm.ValueBank(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="The bank has no heads"):
+        vm.ValueBank(build_model("llama", len(tok)), tok).values(torch.tensor([[4, 5]]))
