@@ -195,11 +195,11 @@ class ValueBank:
         return state
 
     # -------------------------------------------------------------- files/hub
-    def save_head(self, name: str, directory) -> None:
+    def save_head(self, name: str, directory) -> str:
         """Write head `name` to `directory` (peft adapter files, value layer, head_config.json, model card)."""
         from .files import save_head
 
-        save_head(self, name, directory)
+        return save_head(self, name, directory)
 
     def load_head(self, source, name: str | None = None, revision: str | None = None, token=None) -> str:
         """Load a head from a folder or a Hub repo id (or a list of them); returns the head name(s)."""
@@ -208,12 +208,6 @@ class ValueBank:
         if isinstance(source, (list, tuple)):
             return [self.load_head(s, revision=revision, token=token) for s in source]
         return load_head(self, source, name=name, revision=revision, token=token)
-
-    def push_head(self, name: str, repo_id: str, **kwargs) -> str:
-        """Publish head `name` to the Hugging Face Hub; returns the commit URL."""
-        from .hub import push_head
-
-        return push_head(self, name, repo_id, **kwargs)
 
     def __repr__(self) -> str:
         return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"

@@ -16,8 +16,6 @@ import logging
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -25,6 +23,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory
 from .fingerprint import describe_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -196,19 +195,12 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
 
 
 def _save_atomically(dataset: datasets.Dataset, path: str) -> None:
-    """save_to_disk into a temp dir beside `path`, then rename it into place (a crash leaves no half cache)."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
+    """save_to_disk into a temp dir beside `path`, then rename it into place (a crash leaves no half cache).
+
+    A concurrent run that saved the same key first wins: its folder is kept.
+    """
+    with atomic_directory(path, overwrite=False) as tmp:
         dataset.save_to_disk(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not os.path.isdir(path):  # a concurrent run that finished first is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _short(text: str, n: int = 40) -> str:
