@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from ..heads.bank import position_ids_from_mask
+from ..heads.sampling import eos_ids
 from .mixer import Mixer
 
 
@@ -135,7 +136,7 @@ def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None
 def _decode(base, tokenizer, input_ids, attention_mask, mixer, max_new_tokens, temperature, do_sample, seed,
             logits_processors):
     """Yield (new token per row, rows that were still generating, step KL per row) for each step."""
-    eos = _eos_ids(base, tokenizer).to(input_ids.device)
+    eos = torch.tensor(eos_ids(base, tokenizer), device=input_ids.device)
     pad = tokenizer.pad_token_id
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = DynamicCache(config=base.config)
@@ -165,10 +166,3 @@ def _decode(base, tokenizer, input_ids, attention_mask, mixer, max_new_tokens, t
         positions = positions[:, -1:] + 1
         logits = base(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                       cache=cache, use_cache=True).logits[:, -1]
-
-
-def _eos_ids(base, tokenizer) -> torch.Tensor:
-    """Every id that ends a completion: the generation config's EOS id(s) and the tokenizer's."""
-    ids = getattr(base.generation_config, "eos_token_id", None)
-    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    return torch.tensor(sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None}))

@@ -149,7 +149,7 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
     return dataset
 
 
-def _eos_ids(base, tokenizer) -> list[int]:
+def eos_ids(base, tokenizer) -> list[int]:
     """The tokenizer's EOS plus any EOS ids in the model's generation_config (chat models often have two)."""
     ids = {tokenizer.eos_token_id}
     model_eos = getattr(base.generation_config, "eos_token_id", None)
@@ -159,7 +159,7 @@ def _eos_ids(base, tokenizer) -> list[int]:
 
 def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings) -> list[dict]:
     """Sample every (prompt, repeat) pair in left-padded batches; one dict per row."""
-    eos_ids = _eos_ids(base, tokenizer)
+    stop_ids = eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id
     bent = [k for k in _UNNEUTRAL if getattr(base.generation_config, k, None) is not None]
     if bent:
@@ -180,10 +180,10 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                 max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                 top_k=settings["top_k"], top_p=settings["top_p"], pad_token_id=pad,
-                eos_token_id=eos_ids or None, **_NEUTRAL,
+                eos_token_id=stop_ids or None, **_NEUTRAL,
             )
             for (i, _), generated in zip(pairs[start:start + batch_size], out[:, width:].tolist()):
-                ends = [t for t, token in enumerate(generated) if token in eos_ids]
+                ends = [t for t, token in enumerate(generated) if token in stop_ids]
                 completion_ids = generated[:ends[0] + 1] if ends else generated
                 rows.append(dict(
                     prompt=prompts[i], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
