@@ -54,3 +54,42 @@ def brute_force_values(bank, input_ids, attention_mask, candidates, heads):
         mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
         out[:, :, c] = bank.values(ids, mask, heads=heads)[:, :, -1]
     return out
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in tmp_path; returns `publish(folder, repo_id, commit, ref)`.
+
+    `publish` lays a folder out as huggingface_hub caches a downloaded repo:
+    models--org--name/blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/<ref>.
+    huggingface_hub reads HF_HOME / HF_HUB_OFFLINE into `constants` at import time and both it and
+    transformers read the constants at call time, so the constants are patched as well as the environment.
+    """
+    import hashlib
+    import os
+
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def publish(folder, repo_id: str, commit: str = HUB_COMMIT, ref: str = "main"):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        for sub in ("blobs", f"snapshots/{commit}", "refs"):
+            (repo / sub).mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(folder):
+            data = (folder / name).read_bytes()
+            blob = hashlib.sha256(data).hexdigest()
+            (repo / "blobs" / blob).write_bytes(data)
+            os.symlink(os.path.join("..", "..", "blobs", blob), repo / "snapshots" / commit / name)
+        (repo / "refs" / ref).write_text(commit)
+
+    return publish

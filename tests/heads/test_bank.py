@@ -91,3 +91,15 @@ def test_errors_name_the_problem(tok, tmp_path):
         vm.ValueBank(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="The bank has no heads"):
         vm.ValueBank(build_model("llama", len(tok)), tok).values(torch.tensor([[4, 5]]))
+
+
+def test_backbone_loads_from_a_hub_id_offline(tok, tmp_path, hub_cache):
+    model = build_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    hub_cache(tmp_path / "backbone", "org/tiny-backbone")
+    bank = vm.ValueBank("org/tiny-backbone")
+    assert bank.backbone_id == "org/tiny-backbone"
+    assert bank.probe == vm.ValueBank(model, tok).probe
+    with pytest.raises(OSError, match="Could not load the value backbone 'org/not-cached'"):
+        vm.ValueBank("org/not-cached")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 
-import huggingface_hub
 import pytest
 import torch
-from conftest import build_model, build_tokenizer
+from conftest import HUB_COMMIT as COMMIT, build_model, build_tokenizer
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +18,6 @@ from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.files import REQUIRED_FILES
 
 BACKBONE = "org/tiny-llama"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TEXTS = ["hello world, how are you?", "the cat sat on the mat"]
 
 
@@ -299,36 +296,8 @@ def test_atomic_directory_without_overwrite_keeps_the_existing_folder(tmp_path):
 # --- Hugging Face Hub (offline, through a real cache layout) -------------------------------------
 
 
-def add_to_hub_cache(cache, repo_id, folder, commit=COMMIT, ref="main"):
-    """Lay `folder`'s files out as huggingface_hub caches a downloaded repo.
-
-    <cache>/models--org--name/blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/<ref>.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for name in os.listdir(folder):
-        data = (folder / name).read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        os.symlink(os.path.join("..", "..", "blobs", blob), repo / "snapshots" / commit / name)
-    (repo / "refs" / ref).write_text(commit)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache with offline mode on. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE
-    from the environment at import; snapshot_download looks at `constants` at call time, so patch those."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_load_from_hub_cache_offline(bank, saved, tokenizer, hub_cache):
-    add_to_hub_cache(hub_cache, "user/vm-helpful", saved)
+    hub_cache(saved, "user/vm-helpful")
     shutil.rmtree(saved)  # only the cache has it now
     fresh = make_bank(tokenizer)
     assert fresh.load_head("user/vm-helpful") == "helpful"
@@ -344,6 +313,6 @@ def test_missing_repo_offline(tokenizer, hub_cache):
 
 def test_cached_repo_that_is_not_a_head(saved, tokenizer, hub_cache):
     (saved / "head_config.json").unlink()  # a plain peft adapter repo
-    add_to_hub_cache(hub_cache, "user/plain-lora", saved)
+    hub_cache(saved, "user/plain-lora")
     with pytest.raises(FileNotFoundError, match=r"Hub repo 'user/plain-lora' .* is not a valuemix head"):
         make_bank(tokenizer).load_head("user/plain-lora")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -114,29 +113,6 @@ def reward_model(request, tmp_path_factory):
         tok.chat_template = TEMPLATE
     model = tiny_llama_rm(len(tok))
     return save(model, tok, tmp_path_factory.mktemp(f"rm_{request.param}")), model, tok
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An offline Hugging Face cache in tmp_path; returns `publish(folder, repo_id)` that puts a folder in it.
-
-    huggingface_hub reads HF_HOME / HF_HUB_OFFLINE into `constants` at import time, and both
-    huggingface_hub and transformers read `constants.HF_HUB_CACHE` / `constants.HF_HUB_OFFLINE`
-    at call time, so the constants are patched as well as the environment.
-    """
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def publish(folder, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
-        repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / commit)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-
-    return publish
 
 
 # --------------------------------------------------------------------------- brute force references
@@ -315,7 +291,7 @@ def test_missing_path_raises_clear_error(tmp_path):
 
 def test_hub_id_loads_from_offline_cache(classifier, hub_cache):
     folder = classifier[0]
-    hub_cache(folder, "org/tiny-classifier")
+    hub_cache(Path(folder), "org/tiny-classifier")
     from_hub = ClassifierProbability("org/tiny-classifier", "pos")
     assert from_hub(PROMPTS, COMPLETIONS) == ClassifierProbability(folder, "pos")(PROMPTS, COMPLETIONS)
     assert "org/tiny-classifier" in from_hub.description
