@@ -1,0 +1,177 @@
+"""Evaluation: reward vs KL of value mixing over a coefficient sweep, against Best-of-N.
+
+π_ref is the base model under the mixer's own sampling settings with every β = 0 (the base
+truncated to the top-k), so that β = 0 costs KL 0. Best-of-N draws N samples from that same π_ref
+and keeps the best by the reward; its KL from π_ref is log N − (N − 1)/N, and its mean reward is
+computed exactly from M ≥ N samples per prompt with order statistics (no resampling noise).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import TopKLogitsWarper
+
+from ..heads.bank import ValueBank
+from .generate import generate
+from .mixer import Mixer
+
+Reward = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `evaluate`.
+
+    Attributes:
+        betas: coefficients swept for each head (the others at 0).
+        grid_heads: two heads whose coefficients are swept jointly over `grid_betas` (a Pareto front).
+        grid_betas: coefficients of the two-head grid.
+        samples_per_prompt: completions per prompt for each coefficient setting.
+        best_of: the largest N of Best-of-N; N = 1, 2, 4, … up to it, from `best_of` samples per prompt.
+        max_new_tokens, top_k, temperature: sampling settings shared by the mixer and π_ref.
+        batch_size: prompts × samples decoded together.
+        seed: sampling seed.
+    """
+
+    betas: tuple[float, ...] = (-4.0, -2.0, 0.0, 1.0, 2.0, 4.0, 8.0)
+    grid_heads: tuple[str, str] | None = None
+    grid_betas: tuple[float, ...] = (0.0, 2.0, 4.0)
+    samples_per_prompt: int = 4
+    best_of: int = 64
+    max_new_tokens: int = 48
+    top_k: int = 20
+    temperature: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+
+
+def best_of_n_reward(rewards: np.ndarray, n: int) -> float:
+    """Expected max reward of N draws without replacement from each row's M samples, averaged over rows.
+
+    rewards: (prompts, M). With the row sorted, the i-th smallest (1-based) is the max of a random
+    N-subset with probability C(i−1, N−1) / C(M, N).
+    """
+    m = rewards.shape[1]
+    ranks = np.arange(1, m + 1)
+    weights = np.array([math.comb(i - 1, n - 1) for i in ranks], dtype=float) / math.comb(m, n)
+    return float((np.sort(rewards, axis=1) * weights).sum(axis=1).mean())
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_BoN ‖ π_ref) in nats, the usual analytic value log N − (N − 1)/N."""
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class Setting:
+    """One point of the sweep: coefficients, mean reward per reward function, KL and cost."""
+
+    weights: dict[str, float]
+    rewards: dict[str, float]
+    kl: float
+    seconds_per_completion: float
+    samples: list[str] = field(default_factory=list)
+
+
+def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: Mapping[str, Reward],
+             config: EvalConfig | None = None, heads: Sequence[str] | None = None, progress: bool = True) -> dict:
+    """Sweep each head's coefficient (and a two-head grid) and compare with Best-of-N from π_ref.
+
+    prompts: texts ready for the tokenizer (e.g. chat-formatted). rewards: name -> reward; a head
+    is compared with Best-of-N on the reward of the same name. Returns a JSON-ready dict with
+    `settings`, `best_of_n` (per reward: N, mean reward, KL, seconds per completion) and `summary`.
+    """
+    config = config or EvalConfig()
+    heads = bank.check_heads(heads if heads is not None else [h for h in bank.heads if h in rewards])
+    zero = {h: 0.0 for h in heads}
+    settings = [zero] + [zero | {head: beta} for head in heads for beta in config.betas if beta != 0]
+    if config.grid_heads:
+        a, b = bank.check_heads(config.grid_heads)
+        settings += [zero | {a: x, b: y} for x in config.grid_betas for y in config.grid_betas if x and y]
+
+    bar = tqdm(total=len(settings) + 1, desc="eval", disable=not progress)
+    results = []
+    for weights in settings:
+        bar.set_postfix_str(", ".join(f"{h}={b:g}" for h, b in weights.items() if b) or "base")
+        mixer = Mixer(bank, weights, top_k=config.top_k, tokenizer=tokenizer)
+        texts, kls, seconds = _sample(base, tokenizer, prompts, config.samples_per_prompt, config, mixer)
+        repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
+        means = {name: float(np.mean(fn(repeated, texts))) for name, fn in rewards.items()}
+        results.append(Setting(weights, means, float(np.mean(kls)), seconds, texts[:: config.samples_per_prompt]))
+        bar.update(1)
+    bar.set_postfix_str(f"Best-of-{config.best_of} from π_ref")
+    best_of_n = _best_of_n(base, tokenizer, prompts, rewards, config)
+    bar.update(1)
+    bar.close()
+    report = {"config": asdict(config), "heads": heads, "prompts": len(prompts),
+              "settings": [asdict(s) for s in results], "best_of_n": best_of_n}
+    report["summary"] = summarize(report)
+    return report
+
+
+def _sample(base, tokenizer, prompts, n, config, mixer):
+    """(texts, KL per completion, decode seconds per completion) for n completions of each prompt."""
+    repeated = [p for p in prompts for _ in range(n)]
+    texts, kls, seconds = [], [], 0.0
+    for start in range(0, len(repeated), config.batch_size):
+        batch = repeated[start:start + config.batch_size]
+        began = time.perf_counter()
+        processors = [] if mixer is not None else [TopKLogitsWarper(top_k=config.top_k)]
+        out = generate(base, tokenizer, batch, mixer, max_new_tokens=config.max_new_tokens,
+                       temperature=config.temperature, seed=config.seed + start, logits_processors=processors)
+        seconds += time.perf_counter() - began
+        texts += out.texts
+        kls += out.kl
+    return texts, kls, seconds / len(repeated)
+
+
+def _best_of_n(base, tokenizer, prompts, rewards, config) -> dict:
+    """Best-of-N curves for every reward from `best_of` π_ref samples per prompt."""
+    m = config.best_of
+    texts, _, sample_seconds = _sample(base, tokenizer, prompts, m, config, None)
+    repeated = [p for p in prompts for _ in range(m)]
+    curves = {}
+    for name, fn in rewards.items():
+        began = time.perf_counter()
+        scores = np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), m)
+        reward_seconds = (time.perf_counter() - began) / len(repeated)
+        ns = [2 ** i for i in range(int(math.log2(m)) + 1)]
+        curves[name] = [{"n": n, "reward": best_of_n_reward(scores, n), "kl": best_of_n_kl(n),
+                         "seconds_per_completion": n * (sample_seconds + reward_seconds)} for n in ns]
+    return curves
+
+
+def summarize(report: dict) -> dict:
+    """Per head: the largest Best-of-N that some β reaches, at what KL and cost, and the gain at BoN-16's KL."""
+    settings = report["settings"]
+    base = next(s for s in settings if not any(s["weights"].values()))
+    summary = {}
+    for head in report["heads"]:
+        if head not in report["best_of_n"]:
+            continue
+        sweep = [s for s in settings if all(b == 0 for h, b in s["weights"].items() if h != head)
+                 and s["weights"][head] > 0] or [base]
+        curve = report["best_of_n"][head]
+        reached = [(point, min((s for s in sweep if s["rewards"][head] >= point["reward"]),
+                               key=lambda s: s["seconds_per_completion"], default=None)) for point in curve]
+        reached = [(p, s) for p, s in reached if s is not None]
+        bon16 = next((p for p in curve if p["n"] == 16), curve[-1])
+        within = [s for s in sweep + [base] if s["kl"] <= bon16["kl"]]
+        best_within = max(within, key=lambda s: s["rewards"][head]) if within else base
+        entry = {"base_reward": base["rewards"][head],
+                 "gain_at_best_of_16_kl": best_within["rewards"][head] - base["rewards"][head],
+                 "beta_at_best_of_16_kl": best_within["weights"][head]}
+        if reached:
+            point, setting = reached[-1]
+            entry.update({"largest_best_of_n_reached": point["n"], "best_of_n_reward": point["reward"],
+                          "best_of_n_seconds": point["seconds_per_completion"], "beta": setting["weights"][head],
+                          "vas_reward": setting["rewards"][head], "vas_kl": setting["kl"],
+                          "vas_seconds": setting["seconds_per_completion"]})
+        summary[head] = entry
+    return summary
