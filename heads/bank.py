@@ -209,6 +209,15 @@ class ValueBank:
             return [self.load_head(s, revision=revision, token=token) for s in source]
         return load_head(self, source, name=name, revision=revision, token=token)
 
+    def push_head(self, name: str, repo_id: str, **kwargs) -> str:
+        """Push head `name` to the Hugging Face Hub repo `repo_id` in one commit; returns the commit URL.
+
+        Keyword arguments (private, token, commit_message, revision) are those of `heads.hub.push_head`.
+        """
+        from .hub import push_head
+
+        return push_head(self, name, repo_id, **kwargs)
+
     def __repr__(self) -> str:
         return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"
 

@@ -87,7 +87,10 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
     `source` is the folder or Hub repo id the usage snippet loads the head from.
     """
     backbone = config.backbone or "<value backbone>"
-    base = config.base_model or backbone  # the base must share the backbone's tokenizer
+    # The snippet loads the recorded base model when it can be loaded (a folder or a Hub id; a model built
+    # in memory records only its class name), else the backbone, which shares the base model's tokenizer.
+    loadable = config.base_model and (os.path.isdir(config.base_model) or looks_like_repo_id(config.base_model))
+    base = config.base_model if loadable else backbone
     card_data = ModelCardData(
         library_name="valuemix",
         base_model=backbone if looks_like_repo_id(backbone) else None,
@@ -104,6 +107,7 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
         name=config.name,
         reward=config.reward,
         backbone=backbone,
+        backbone_on_hub=looks_like_repo_id(backbone),
         backbone_revision=config.backbone_revision,
         base_model_id=config.base_model,
         tokenizer_fingerprint=config.tokenizer_fingerprint or "not recorded",

@@ -1,0 +1,383 @@
+"""The workflow subcommands: `valuemix sample`, `score`, `train` and `push`.
+
+    valuemix sample --base HuggingFaceTB/SmolLM2-135M-Instruct --prompts prompts.txt --out runs/samples
+    valuemix score  --samples runs/samples --reward short=brevity --reward polite=classifier:MODEL:LABEL
+    valuemix train  --backbone HuggingFaceTB/SmolLM2-135M-Instruct --samples runs/samples --reward short \\
+                    --out runs/heads/short
+    valuemix push   runs/heads/short alice/vm-short
+
+Each subcommand is a settings dataclass (its fields are the flags; see valuemix/options.py), a
+`make_*_parser()` and a `*_main(argv)`, bundled as a `Subcommand` that valuemix/cli.py registers.
+Every subcommand also takes `--config FILE` (YAML or JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+from .options import add_dataclass_arguments, make_parser, parse_args
+
+DTYPES = ("float32", "bfloat16", "float16")
+REWARDS_FILE = "valuemix_rewards.json"  # beside a scored dataset: what each reward column measures
+
+
+class Subcommand(NamedTuple):
+    """One `valuemix` subcommand: its parser (for --help and tests) and its entry point."""
+
+    make_parser: Callable
+    main: Callable
+
+
+def _fill(cls, args, exclude=()):
+    """An instance of dataclass `cls` from the parsed flags of its fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in exclude})
+
+
+# ------------------------------------------------------------------------------------------ sample
+@dataclass
+class SampleArgs:
+    """Settings of `valuemix sample`.
+
+    Attributes:
+        base: the base model to sample from: a local folder or a Hugging Face Hub id.
+        prompts: prompts file: .txt (one prompt per line, blank lines skipped), .jsonl (one object with a "prompt" field per line) or .json (a list of strings or of such objects).
+        out: folder to save the samples to (a datasets folder, written atomically; an existing samples folder is replaced).
+        n_per_prompt: completions sampled per prompt.
+        max_new_tokens: longest completion, in tokens.
+        temperature: sampling temperature (> 0).
+        top_k: sample from the k most likely tokens only (0: no limit).
+        top_p: nucleus sampling threshold (1.0: no limit).
+        seed: random seed; the same settings and seed give the same samples.
+        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
+        batch_size: rows generated together.
+        device: device to run the base model on (cpu, cuda, mps, ...).
+        dtype: dtype to run the base model in.
+        progress: show a progress bar.
+    """
+
+    base: str = field(metadata={"metavar": "ID_OR_PATH"})
+    prompts: str = field(metadata={"metavar": "FILE"})
+    out: str = field(metadata={"metavar": "DIR"})
+    n_per_prompt: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = False
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
+    progress: bool = True
+
+
+def make_sample_parser():
+    parser = make_parser("valuemix sample", "Sample completions from the frozen base model once (step 1 of VAS); "
+                                            "the same samples train every head.")
+    add_dataclass_arguments(parser, SampleArgs)
+    return parser
+
+
+def sample_main(argv=None) -> str:
+    """Sample the base model on a prompts file and save the samples; returns the folder."""
+    from .heads.sampling import sample_base
+
+    parser = make_sample_parser()
+    args = _fill(SampleArgs, parse_args(parser, argv, "sample"))
+    prompts = read_prompts(args.prompts)
+    args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
+    base, tokenizer = load_base(args.base, args.device, args.dtype)
+    samples = sample_base(base, tokenizer, prompts, n_per_prompt=args.n_per_prompt,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                          chat_template=args.chat_template, progress=args.progress)
+    out = save_dataset(samples, args.out)
+    finished = sum(samples["finished"])
+    print(f"Saved {len(samples)} samples ({len(prompts)} prompts x {args.n_per_prompt}; {finished} ended with EOS) "
+          f"from {args.base} to {out}")
+    return out
+
+
+def _absolute_if_folder(source: str) -> str:
+    """A local folder as an absolute path (so that a card written later names it from anywhere); ids unchanged."""
+    return os.path.abspath(source) if os.path.isdir(source) else source
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl (objects with "prompt") or .json (list) file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"No prompts file at {path}: give a .txt file with one prompt per line, or a "
+                                ".jsonl/.json file of objects with a \"prompt\" field.")
+    text = file.read_text(encoding="utf-8")
+    suffix = file.suffix.lower()
+    if suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err}).") from err
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}).") from err
+        items = data.get("prompts") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise ValueError(f"{path} must hold a list of prompts (strings or objects with a \"prompt\" field), "
+                             "or an object with a \"prompts\" list.")
+    else:
+        return [line for line in text.splitlines() if line.strip()] or _no_prompts(path)
+    prompts = []
+    for number, item in enumerate(items, 1):
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}, item {number}: expected a non-empty string or an object with a \"prompt\" "
+                             f"string, got {item!r}.")
+        prompts.append(prompt)
+    return prompts or _no_prompts(path)
+
+
+def _no_prompts(path):
+    raise ValueError(f"{path} holds no prompts.")
+
+
+def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
+    """(causal LM, tokenizer) from a folder or Hub id, safetensors only; a missing pad token becomes EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .heads.rewards import load_model
+
+    model, tokenizer = load_model(source, AutoModelForCausalLM, device=device)
+    model = model.to(getattr(torch, dtype))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"note: {source} has no pad token; using its EOS token {tokenizer.eos_token!r} for padding",
+              file=sys.stderr)
+    return model, tokenizer
+
+
+def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:
+    """`dataset.save_to_disk(out)` atomically, with the reward descriptions beside it; returns the folder."""
+    from .heads.atomic import atomic_directory
+
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not is_dataset_folder(out):
+        raise FileExistsError(f"{out} is a non-empty folder but not a saved dataset; it would be replaced, so "
+                              "pick a new or empty folder.")
+    with atomic_directory(out) as tmp:
+        dataset.save_to_disk(tmp)
+        if rewards:
+            Path(tmp, REWARDS_FILE).write_text(json.dumps(rewards, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def is_dataset_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def load_samples(path: str):
+    """(dataset, reward descriptions) from a folder written by `valuemix sample` / `score` (or save_to_disk)."""
+    import datasets
+
+    if not os.path.isdir(path) or not is_dataset_folder(path):
+        raise FileNotFoundError(f"No samples at {path}: make them with `valuemix sample --out {path}` (or "
+                                "Dataset.save_to_disk).")
+    described = Path(path, REWARDS_FILE)
+    rewards = json.loads(described.read_text(encoding="utf-8")) if described.is_file() else {}
+    return datasets.load_from_disk(path), rewards
+
+
+# ------------------------------------------------------------------------------------------- score
+@dataclass
+class ScoreArgs:
+    """Settings of `valuemix score`.
+
+    Attributes:
+        samples: folder of samples from `valuemix sample`.
+        reward: a reward column to add, as NAME=SPEC (e.g. short=brevity, no_city=keywords:Paris,London:absent); a column of the same name is replaced.
+        out: folder to save the scored samples to (default: replace --samples in place, atomically).
+        batch_size: completions per reward call.
+        tokenizer: tokenizer for length:tokens rewards, a folder or Hub id (default: the samples' base model).
+        device: device to run model rewards on.
+        progress: show a progress bar.
+    """
+
+    samples: str = field(metadata={"metavar": "DIR"})
+    reward: list[str] = field(metadata={"metavar": "NAME=SPEC"})
+    out: str | None = field(default=None, metadata={"metavar": "DIR"})
+    batch_size: int = 64
+    tokenizer: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH"})
+    device: str = "cpu"
+    progress: bool = True
+
+
+def make_score_parser():
+    from .reward_specs import SPECS
+
+    parser = make_parser("valuemix score", "Score samples with rewards (step 2 of VAS): one float column per "
+                                           f"reward.\n\nReward specs (--reward NAME=SPEC):\n{SPECS}")
+    add_dataclass_arguments(parser, ScoreArgs)
+    return parser
+
+
+def score_main(argv=None) -> str:
+    """Add reward columns to a samples folder; returns the folder written."""
+    from .heads.sampling import score
+    from .reward_specs import parse_reward
+
+    args = _fill(ScoreArgs, parse_args(make_score_parser(), argv, "score"))
+    samples, described = load_samples(args.samples)
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        source = args.tokenizer or (samples[0]["base_model"] if "base_model" in samples.column_names else None)
+        if not source:
+            raise ValueError("length:tokens needs --tokenizer: the samples do not name their base model.")
+        return AutoTokenizer.from_pretrained(source)
+
+    reward_fns = {}
+    for text in args.reward:
+        name, fn, description = parse_reward(text, tokenizer=tokenizer, device=args.device)
+        reward_fns[name] = fn
+        described[name] = {"spec": text.partition("=")[2].strip(), "description": description}
+    scored = score(samples, reward_fns, batch_size=args.batch_size, progress=args.progress)
+    out = save_dataset(scored, args.out or args.samples, rewards=described)
+    for name in reward_fns:
+        values = scored[name]
+        print(f"{name}: {described[name]['description']} (mean {sum(values) / len(values):.4g}, "
+              f"min {min(values):.4g}, max {max(values):.4g})")
+    print(f"Saved {len(scored)} scored samples to {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainArgs:
+    """Settings of `valuemix train` besides the training ones (TrainConfig).
+
+    Attributes:
+        backbone: the value backbone: a local folder or Hub id of a causal LM sharing the base model's tokenizer.
+        samples: folder of scored samples from `valuemix score`.
+        reward: the reward column to train on.
+        out: folder to save the trained head to (replaced if it holds a head).
+        name: the head's name (default: the reward column).
+        description: what the head values, in words, for its card (default: the reward's description from `valuemix score`).
+        lora_r: LoRA rank of the head's adapter.
+        lora_alpha: LoRA alpha (scale = alpha / r).
+        device: device to train on.
+        dtype: dtype of the backbone (the head's value layer stays float32).
+    """
+
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
+    samples: str = field(metadata={"metavar": "DIR"})
+    reward: str = field(metadata={"metavar": "COLUMN"})
+    out: str = field(metadata={"metavar": "DIR"})
+    name: str | None = None
+    description: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    device: str = "cpu"
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
+
+
+def make_train_parser():
+    from .heads.training import TrainConfig
+
+    parser = make_parser("valuemix train", "Train one value head by TD(λ) regression on scored samples (step 3 of "
+                                           "VAS) and save it as a head folder.")
+    add_dataclass_arguments(parser, TrainArgs)
+    add_dataclass_arguments(parser, TrainConfig, title="training (TrainConfig)")
+    return parser
+
+
+def train_main(argv=None) -> str:
+    """Train a head on a reward column and save it; returns the head folder."""
+    import torch
+
+    from .heads.bank import DEFAULT_LORA, ValueBank
+    from .heads.training import TrainConfig, train_head
+
+    parser = make_train_parser()
+    parsed = parse_args(parser, argv, "train")
+    args = _fill(TrainArgs, parsed)
+    try:
+        config = _fill(TrainConfig, parsed)
+    except ValueError as err:
+        parser.error(str(err))
+    samples, described = load_samples(args.samples)
+    if args.reward not in samples.column_names:
+        scored = sorted(set(samples.column_names) - _sample_columns())
+        raise ValueError(f"The samples in {args.samples} have no reward column {args.reward!r}; reward columns: "
+                         f"{', '.join(scored) or 'none (add one with valuemix score)'}.")
+    name = args.name or args.reward
+    description = args.description or described.get(args.reward, {}).get("description") or args.reward
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device)
+    bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha})
+    metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description)
+    out = bank.save_head(name, args.out)
+    print(f"Trained head '{name}' ({description}) on {len(samples)} samples: final loss {metrics['final_loss']:.4g} "
+          f"after {metrics['steps']} steps ({metrics['seconds']:.1f} s). Saved to {out}")
+    return out
+
+
+def _sample_columns() -> set[str]:
+    from .heads.sampling import SAMPLE_COLUMNS
+
+    return set(SAMPLE_COLUMNS)
+
+
+# -------------------------------------------------------------------------------------------- push
+@dataclass
+class PushArgs:
+    """Settings of `valuemix push`.
+
+    Attributes:
+        directory: the head folder to push (written by `valuemix train` or bank.save_head).
+        repo_id: the Hub repo to push to, 'user/name' or 'org/name' (created if missing).
+        private: create the repo as private (an existing repo keeps its visibility).
+        token: Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`).
+        message: commit message (default: "Upload valuemix head '<name>'").
+        revision: branch to commit to (default: main).
+    """
+
+    directory: str = field(metadata={"positional": True, "metavar": "DIR"})
+    repo_id: str = field(metadata={"positional": True, "metavar": "REPO_ID"})
+    private: bool = False
+    token: str | None = None
+    message: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    revision: str | None = None
+
+
+def make_push_parser():
+    parser = make_parser("valuemix push", "Publish a head folder to the Hugging Face Hub in one commit; load it "
+                                          "anywhere with bank.load_head(REPO_ID).")
+    add_dataclass_arguments(parser, PushArgs)
+    return parser
+
+
+def push_main(argv=None) -> str:
+    """Push a head folder to the Hub; returns the commit URL."""
+    from .heads import hub
+
+    args = _fill(PushArgs, parse_args(make_push_parser(), argv, "push"))
+    url = hub.push_folder(args.directory, args.repo_id, private=args.private, token=args.token,
+                          commit_message=args.message, revision=args.revision)
+    print(f"Pushed {args.directory} to {args.repo_id}: {url}")
+    return url
+
+
+sample = Subcommand(make_sample_parser, sample_main)
+score = Subcommand(make_score_parser, score_main)
+train = Subcommand(make_train_parser, train_main)
+push = Subcommand(make_push_parser, push_main)
