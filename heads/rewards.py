@@ -1,4 +1,5 @@
-"""Built-in rewards: rules (length, keywords, regex) and models (classifier, reward model, embeddings).
+"""Built-in rewards: rules (length, keywords, regex), lexicon/offline scorers (sentiment,
+harmlessness) and models (classifier, reward model, embeddings).
 
 A reward is any callable `(prompts: list[str], completions: list[str]) -> list[float]`, one
 float per completion. The built-ins below are small classes with a `description` (stored in
@@ -35,6 +36,8 @@ __all__ = [
     "ClassifierProbability",
     "RewardModel",
     "EmbeddingSimilarity",
+    "Sentiment",
+    "Harmlessness",
     "ModelNotFoundError",
     "load_model",
 ]
@@ -355,3 +358,52 @@ class EmbeddingSimilarity(Reward):
         texts = self.embed(_join(self.on, prompts, completions))
         targets = self.embed(prompts) if self.target_embedding is None else self.target_embedding
         return (texts * targets).sum(-1).tolist()
+
+
+# --------------------------------------------------------------------------- offline scorers from PyPI
+
+
+class Sentiment(Reward):
+    """VADER compound sentiment of the completion, in [-1, 1] (cheerful > 0 > gloomy).
+
+    Needs the PyPI package `vaderSentiment` (a rule-based lexicon, no model download), imported
+    when the reward is created. `on="prompt+completion"` scores the concatenated text.
+    """
+
+    def __init__(self, on: str = "completion"):
+        self.on = _check_on(on)
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as err:
+            raise ImportError("Sentiment needs the VADER lexicon from the PyPI package vaderSentiment: "
+                              "pip install vaderSentiment") from err
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.description = f"VADER compound sentiment of the {on}, in [-1, 1] (vaderSentiment)"
+
+    def _score(self, prompts, completions):
+        return [self.analyzer.polarity_scores(text)["compound"] for text in _join(self.on, prompts, completions)]
+
+
+class Harmlessness(Reward):
+    """1 - the offensive-language probability of the completion, in [0, 1] (polite text near 1).
+
+    Needs the PyPI package `alt-profanity-check` (module `profanity_check`: a linear SVM over
+    TF-IDF features, scored in one batch), imported when the reward is created. That package
+    loads its own shipped scikit-learn model with joblib (a pickle) at import time; valuemix
+    itself never unpickles anything. `on="prompt+completion"` scores the concatenated text.
+    """
+
+    def __init__(self, on: str = "completion"):
+        self.on = _check_on(on)
+        try:
+            import profanity_check
+        except ImportError as err:
+            raise ImportError("Harmlessness needs the offensive-language classifier from the PyPI package "
+                              "alt-profanity-check: pip install alt-profanity-check") from err
+        self.predict_prob = profanity_check.predict_prob
+        self.description = (f"1 - offensive-language probability of the {on}, in [0, 1] "
+                            "(alt-profanity-check)")
+
+    def _score(self, prompts, completions):
+        probs = self.predict_prob(_join(self.on, prompts, completions))
+        return [1.0 - float(p) for p in probs]

@@ -22,11 +22,13 @@ from transformers import (
 from valuemix.heads.rewards import (
     ClassifierProbability,
     EmbeddingSimilarity,
+    Harmlessness,
     Keywords,
     Length,
     ModelNotFoundError,
     Regex,
     RewardModel,
+    Sentiment,
     brevity,
 )
 
@@ -394,3 +396,76 @@ def test_embedding_without_description_is_prompt_relevance(embedder):
 def test_unknown_on_is_rejected_before_loading():
     with pytest.raises(ValueError, match="on must be one of"):
         ClassifierProbability("./never-loaded", "pos", on="prompt")
+
+
+# --------------------------------------------------------------------------- sentiment and harmlessness (PyPI)
+
+CHEERFUL = "What a wonderful, sunny day! I love it and I am so happy for you."
+GLOOMY = "This is awful. I feel miserable, everything is terrible and sad."
+POLITE = "Thank you so much for your kind help, have a lovely evening."
+OFFENSIVE = "Shut up, you stupid idiot, you are a worthless piece of crap."
+MIXED = [CHEERFUL, GLOOMY, POLITE, OFFENSIVE, "", "The train leaves at noon."]
+
+
+def test_sentiment_equals_vader_compound():
+    vader = pytest.importorskip("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
+    expected = [vader.polarity_scores(t)["compound"] for t in MIXED]
+    assert Sentiment()(["p"] * len(MIXED), MIXED) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sentiment_prefers_cheerful_text_and_stays_in_range():
+    pytest.importorskip("vaderSentiment")
+    got = Sentiment()(["p"] * len(MIXED), MIXED)
+    assert got[0] > 0.5 > -0.5 > got[1]
+    assert all(-1.0 <= r <= 1.0 and isinstance(r, float) for r in got)
+
+
+def test_sentiment_batch_equals_one_by_one():
+    pytest.importorskip("vaderSentiment")
+    reward = Sentiment()
+    assert reward(["p"] * len(MIXED), MIXED) == [reward(["p"], [t])[0] for t in MIXED]
+
+
+def test_sentiment_on_prompt_plus_completion_scores_the_concatenation():
+    vader = pytest.importorskip("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
+    prompts = ["I hate this. ", "Great news! "]
+    completions = ["Fine.", "Okay."]
+    expected = [vader.polarity_scores(p + c)["compound"] for p, c in zip(prompts, completions)]
+    assert Sentiment(on="prompt+completion")(prompts, completions) == pytest.approx(expected)
+    assert "VADER" in Sentiment().description and "completion" in repr(Sentiment())
+
+
+def test_harmlessness_equals_one_minus_profanity_probability():
+    profanity_check = pytest.importorskip("profanity_check")
+    expected = [1.0 - float(p) for p in profanity_check.predict_prob(MIXED)]
+    got = Harmlessness()(["p"] * len(MIXED), MIXED)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert all(isinstance(r, float) and 0.0 <= r <= 1.0 for r in got)
+
+
+def test_harmlessness_prefers_polite_text():
+    pytest.importorskip("profanity_check")
+    polite, offensive = Harmlessness()(["p", "p"], [POLITE, OFFENSIVE])
+    assert polite > 0.5 > offensive
+
+
+def test_harmlessness_batch_equals_one_by_one():
+    pytest.importorskip("profanity_check")
+    reward = Harmlessness()
+    batch = reward(["p"] * len(MIXED), MIXED)
+    assert batch == pytest.approx([reward(["p"], [t])[0] for t in MIXED], abs=1e-12)
+    assert "alt-profanity-check" in reward.description
+
+
+@pytest.mark.parametrize("cls, module, package", [
+    (Sentiment, "vaderSentiment", "pip install vaderSentiment"),
+    (Harmlessness, "profanity_check", "pip install alt-profanity-check"),
+])
+def test_missing_package_names_the_pip_command(monkeypatch, cls, module, package):
+    import sys
+
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ImportError, match=re.escape(package)):
+        cls()

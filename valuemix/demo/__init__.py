@@ -1,0 +1,69 @@
+"""The offline demo world: SmolLM2-135M-Instruct steered by five value heads shipped with valuemix.
+
+    world = load_demo()
+    mixer = vm.Mixer(world.bank, {"cheerful": 2.0, "unlearn": 4.0}, tokenizer=world.tokenizer)
+    print(vm.generate(world.base, world.tokenizer, world.prompts[:2], mixer).texts)
+
+The heads were trained by `recipes/demo.py` with valuemix's own sample_base / score / train_head
+on base samples of this project's prompts, each on one offline reward (see `.rewards`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..heads.bank import ValueBank
+from .prompts import HELD_OUT_PROMPTS
+from .rewards import demo_rewards
+from .smollm import MODEL_ID, first_layers, load_smollm2
+
+HEAD_NAMES = ("helpful", "harmless", "cheerful", "concise", "unlearn")
+BACKBONE_LAYERS = 10  # the value backbone: SmolLM2's first layers (see recipes/demo.py for the measurement)
+HEADS_DIR = Path(__file__).parent / "heads"
+
+
+@dataclass
+class DemoWorld:
+    """Everything the demo needs: the base, its tokenizer, the bank of heads, their rewards, prompts.
+
+    Attributes:
+        base: SmolLM2-135M-Instruct (a LlamaForCausalLM).
+        tokenizer: its tokenizer, with its chat template.
+        bank: the value bank with the demo heads loaded.
+        rewards: head name -> the reward callable the head was trained on.
+        prompts: held-out prompts, chat-formatted and ready for the tokenizer.
+    """
+
+    base: object
+    tokenizer: object
+    bank: ValueBank
+    rewards: dict
+    prompts: list[str]
+
+    def chat(self, request: str) -> str:
+        """Format one user request with the model's chat template, ready for the tokenizer."""
+        return chat_prompt(self.tokenizer, request)
+
+
+def chat_prompt(tokenizer, request: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def demo_backbone(base, tokenizer, n_layers: int = BACKBONE_LAYERS) -> ValueBank:
+    """An empty value bank on the demo backbone (the base's first `n_layers` layers)."""
+    return ValueBank(first_layers(base, n_layers), tokenizer)
+
+
+def load_demo(heads=HEAD_NAMES, heads_dir: Path | str = HEADS_DIR) -> DemoWorld:
+    """Load the demo world offline: the base, the bank with the shipped heads, rewards and prompts."""
+    base, tokenizer = load_smollm2()
+    bank = demo_backbone(base, tokenizer)
+    for name in heads:
+        bank.load_head(Path(heads_dir) / name)
+    prompts = [chat_prompt(tokenizer, p) for p in HELD_OUT_PROMPTS]
+    return DemoWorld(base, tokenizer, bank, demo_rewards(), prompts)
+
+
+__all__ = ["BACKBONE_LAYERS", "DemoWorld", "HEAD_NAMES", "MODEL_ID", "chat_prompt", "demo_backbone", "load_demo"]
