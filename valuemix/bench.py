@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,14 @@ def head_bytes(bank, name: str) -> dict:
     return out
 
 
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other processes on the machine skew timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     import peft
     import transformers
@@ -250,9 +259,8 @@ def run(cfg: BenchConfig) -> dict:
         raise ValueError("need --repeats >= 1, --warmup >= 0, --new-tokens >= 1, --prompt-tokens >= 1, --batch >= 1")
     if not cfg.heads or min(cfg.heads) < 1:
         raise ValueError(f"--heads must list positive head counts, got {cfg.heads}")
-    from .heads.fingerprint import tokenizer_fingerprint
-
     started = time.time()
+    load_before = _load()
     tokenizer = build_tokenizer(cfg.vocab)
     base, backbone = build_models(cfg)
     banks = {n: make_bank(backbone, tokenizer, n, seed=cfg.seed) for n in sorted(set(cfg.heads))}
@@ -282,23 +290,23 @@ def run(cfg: BenchConfig) -> dict:
         wall, loop = timings[i]["wall"], timings[i]["loop"]
         ms = [1000 * s / cfg.new_tokens for s in wall]
         rows.append(dict(name=name, batch=batch, heads=n_heads, ms_per_token=statistics.median(ms),
-                         ms_per_token_runs=ms, loop_ms_per_token=1000 * statistics.median(loop) / cfg.new_tokens,
+                         min_ms_per_token=min(ms), ms_per_token_runs=ms,
+                         loop_ms_per_token=1000 * statistics.median(loop) / cfg.new_tokens,
+                         call_overhead_ms=1000 * statistics.median(w - s for w, s in zip(wall, loop)),
                          tokens_per_second=batch * cfg.new_tokens / statistics.median(wall)))
     ratios = []
+    wanted = [("reference VAS (1 head)", "valuemix 1 head", ">= 5", lambda x: x >= 5),
+              ("valuemix 4 heads", "valuemix 1 head", "<= 3", lambda x: x <= 3),
+              ("valuemix 1 head", "plain", None, None)]
     for batch in cfg.batch:
-        by_name = {r["name"]: r["ms_per_token"] for r in rows if r["batch"] == batch}
-        one = by_name.get("valuemix 1 head")
-        four = by_name.get("valuemix 4 heads")
-        ref = by_name.get("reference VAS (1 head)")
-        if one is not None and ref is not None:
-            ratios.append(dict(name="reference / valuemix 1 head", batch=batch, value=ref / one, target=">= 5",
-                               met=ref / one >= 5))
-        if one is not None and four is not None:
-            ratios.append(dict(name="valuemix 4 heads / valuemix 1 head", batch=batch, value=four / one,
-                               target="<= 3", met=four / one <= 3))
-        if one is not None:
-            ratios.append(dict(name="valuemix 1 head / plain", batch=batch, value=one / by_name["plain"],
-                               target=None, met=None))
+        median = {r["name"]: r["ms_per_token"] for r in rows if r["batch"] == batch}
+        best = {r["name"]: r["min_ms_per_token"] for r in rows if r["batch"] == batch}
+        for top, bottom, target, check in wanted:
+            if top in median and bottom in median:
+                value = median[top] / median[bottom]
+                ratios.append(dict(name=f"{top} / {bottom}", batch=batch, value=value,
+                                   value_from_min=best[top] / best[bottom], target=target,
+                                   met=None if check is None else bool(check(value))))
 
     training = None
     if cfg.train:
@@ -311,19 +319,23 @@ def run(cfg: BenchConfig) -> dict:
     bar.update(1)
     bar.close()
 
-    start = time.perf_counter()
-    tokenizer_fingerprint(tokenizer)
-    fingerprint_ms = 1000 * (time.perf_counter() - start)
     return dict(
         config=dataclasses.asdict(cfg), machine=machine_info(), rows=rows, ratios=ratios, training=training,
         head_size=size, notes=dict(
             ms_per_token="wall time of the whole call / new tokens, median over repeats (prefill included)",
             loop_ms_per_token="decoding loop only (Generation.seconds / new tokens), median",
-            tokenizer_fingerprint_ms=fingerprint_ms,
+            call_overhead_ms="per call, outside the decoding loop (tokenisation, checks): wall - loop, median",
             tree_masks_ok={n: b.tree_masks_ok for n, b in banks.items()},
+            load_before=load_before, load_after=_load(),
         ),
         started=started, seconds=time.time() - started,
     )
+
+
+def even_words(prompts: list[str], completions: list[str]) -> list[float]:
+    """A trivial rule reward: the share of completion words with an even token number ('w6' yes, 'w7' no)."""
+    words = [c.split() for c in completions]
+    return [sum(int(w[1:]) % 2 == 0 for w in ws if w[1:].isdigit()) / max(1, len(ws)) for ws in words]
 
 
 def _training_section(cfg: BenchConfig, base, tokenizer, bank) -> dict:
@@ -334,9 +346,11 @@ def _training_section(cfg: BenchConfig, base, tokenizer, bank) -> dict:
     try:
         samples = sample_base(base, tokenizer, prompts, n_per_prompt=cfg.train_per_prompt,
                               max_new_tokens=cfg.train_new_tokens, seed=cfg.seed, progress=False)
-        samples = score(samples, {"length": lambda p, c: [len(x.split()) / 10 for x in c]}, progress=False)
-        return dict(status="ok", **training_throughput(bank, samples, "length", repeats=cfg.train_repeats,
-                                                       seed=cfg.seed))
+        samples = score(samples, {"even": even_words}, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft: "Adapter bench_train_0 was active which is now deleted"
+            return dict(status="ok", **training_throughput(bank, samples, "even", repeats=cfg.train_repeats,
+                                                           seed=cfg.seed))
     except ImportError as err:
         return dict(status=f"unavailable: {err}")
     except Exception as err:  # the trainer is young; a failure must not lose the decoding numbers
@@ -356,17 +370,21 @@ def format_markdown(results: dict) -> str:
         f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
         "",
-        "| configuration | batch | ms/token | loop ms/token | tokens/s | runs (ms/token) |",
-        "|---|---:|---:|---:|---:|---|",
+        f"Load average before/after: {results['notes']['load_before']} / {results['notes']['load_after']}.",
+        "",
+        "| configuration | batch | ms/token (median) | min | loop ms/token | tokens/s | runs (ms/token) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
         runs = ", ".join(f"{x:.1f}" for x in r["ms_per_token_runs"])
-        lines.append(f"| {r['name']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['loop_ms_per_token']:.1f} | "
-                     f"{r['tokens_per_second']:.1f} | {runs} |")
-    lines += ["", "| ratio | batch | value | target | met |", "|---|---:|---:|---|---|"]
+        lines.append(f"| {r['name']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['min_ms_per_token']:.1f} | "
+                     f"{r['loop_ms_per_token']:.1f} | {r['tokens_per_second']:.1f} | {runs} |")
+    lines += ["", "| ratio (ms/token) | batch | median-based | min-based | target | met (median) |",
+              "|---|---:|---:|---:|---|---|"]
     for r in results["ratios"]:
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['name']} | {r['batch']} | {r['value']:.2f}× | {r['target'] or ''} | {met} |")
+        lines.append(f"| {r['name']} | {r['batch']} | {r['value']:.2f}× | {r['value_from_min']:.2f}× | "
+                     f"{r['target'] or ''} | {met} |")
     lines.append("")
     t = results["training"]
     if t is None:
@@ -380,7 +398,8 @@ def format_markdown(results: dict) -> str:
     s = results["head_size"]
     lines.append(f"Bytes a head adds: {s['bytes']:,} ({s['bytes'] / 2**20:.2f} MiB; {s['parameters']:,} parameters; "
                  f"{s['method']}).")
-    lines.append(f"tokenizer_fingerprint per call: {results['notes']['tokenizer_fingerprint_ms']:.1f} ms.")
+    overhead = ", ".join(f"{r['name']} (b{r['batch']}) {r['call_overhead_ms']:.1f}" for r in results["rows"])
+    lines.append(f"Per-call overhead outside the decoding loop, ms: {overhead}.")
     return "\n".join(lines) + "\n"
 
 

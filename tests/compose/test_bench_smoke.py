@@ -1,0 +1,52 @@
+"""Smoke test of the decoding benchmark: `valuemix.bench.main` end to end on tiny models (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from valuemix.bench import BenchConfig, main, make_parser
+
+TINY = ["--layers", "2", "--hidden", "32", "--intermediate", "64", "--attention-heads", "4", "--kv-heads", "2",
+        "--vocab", "300", "--top-k", "5", "--new-tokens", "3", "--prompt-tokens", "4", "--repeats", "1",
+        "--warmup", "1", "--train-prompts", "2", "--train-per-prompt", "2", "--train-prompt-tokens", "3",
+        "--train-new-tokens", "3", "--train-repeats", "1", "--no-progress"]
+ROWS = ["plain", "reference VAS (1 head)", "valuemix 1 head", "valuemix 2 heads", "valuemix 4 heads"]
+
+
+def test_parser_defaults_match_config():
+    args = make_parser().parse_args([])
+    assert BenchConfig(**vars(args)) == BenchConfig()
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    out, md = tmp_path / "b" / "bench.json", tmp_path / "bench.md"
+    main(TINY + ["--out", str(out), "--markdown", str(md)])
+
+    results = json.loads(out.read_text())
+    assert [r["name"] for r in results["rows"]] == ROWS
+    for row in results["rows"]:
+        assert row["batch"] == 1
+        assert row["ms_per_token"] > 0 and row["loop_ms_per_token"] > 0 and row["tokens_per_second"] > 0
+        assert len(row["ms_per_token_runs"]) == 1
+    assert [r["name"] for r in results["ratios"]] == [
+        "reference VAS (1 head) / valuemix 1 head", "valuemix 4 heads / valuemix 1 head", "valuemix 1 head / plain"]
+    assert all(r["value"] > 0 for r in results["ratios"])
+    training = results["training"]
+    assert training["status"] == "ok", training["status"]
+    assert training["states"] > 0 and training["states_per_second"] > 0
+    assert results["head_size"]["bytes"] > 0 and results["head_size"]["parameters"] > 0
+    assert results["machine"]["torch_threads"] >= 1 and results["machine"]["cpu_count"] >= 1
+
+    printed = capsys.readouterr().out
+    assert "| valuemix 4 heads | 1 |" in printed
+    assert md.read_text() in printed
+    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left no temp file
+
+
+def test_batch_option_adds_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    results = main(TINY + ["--batch", "1", "2", "--heads", "1", "--no-reference", "--no-train", "--out", str(out)])
+    assert [(r["name"], r["batch"]) for r in results["rows"]] == [
+        ("plain", 1), ("valuemix 1 head", 1), ("plain", 2), ("valuemix 1 head", 2)]
+    assert results["training"] is None
+    assert json.loads(out.read_text())["rows"][3]["tokens_per_second"] > 0
