@@ -150,9 +150,14 @@ class ValueBank:
 
         `cache` (a transformers `Cache`) is extended in place by the tokens fed.
         """
+        routing = {"adapter_names": row_heads}  # peft's mixed-adapter batch: row i through head row_heads[i]
         with self.lock:
+            if len(set(row_heads)) == 1:  # one head: peft's plain path is ~20% faster than per-row routing
+                if self.model.active_adapter != row_heads[0]:
+                    self.model.set_adapter(row_heads[0], inference_mode=True)
+                routing = {}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=cache is not None, adapter_names=row_heads)
+                             cache=cache, use_cache=cache is not None, **routing)
         return out.last_hidden_state
 
     def project(self, hidden: torch.Tensor, heads: Sequence[str]) -> torch.Tensor:
