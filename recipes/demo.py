@@ -28,8 +28,9 @@ class DemoRecipeConfig:
 
     heads: str = ",".join(HEAD_NAMES)  # comma-separated heads to train
     backbone_layers: int = BACKBONE_LAYERS  # the value backbone is the base's first layers
-    n_per_prompt: int = 4  # base samples per training prompt
-    max_new_tokens: int = 48
+    n_per_prompt: int = 3  # base samples per training prompt
+    max_new_tokens: int = 40
+    sample_batch_size: int = 48  # rows sampled together (larger batches use the CPU better)
     top_k: int = 20  # sample the base as the mixer's π_ref sees it (top-k truncated)
     lam: float = 0.95
     epochs: int = 2
@@ -52,7 +53,8 @@ def main(argv=None) -> dict:
     base, tokenizer = load_smollm2()
     samples = vm.sample_base(base, tokenizer, TRAIN_PROMPTS, n_per_prompt=config.n_per_prompt,
                              max_new_tokens=config.max_new_tokens, top_k=config.top_k, seed=config.seed,
-                             chat_template=True, cache_dir=config.samples_cache)
+                             batch_size=config.sample_batch_size, chat_template=True,
+                             cache_dir=config.samples_cache)
     rewards = demo_rewards()
     heads = [h for h in config.heads.split(",") if h]
     samples = vm.score(samples, {h: rewards[h] for h in heads})

@@ -12,11 +12,14 @@ import os
 import sys
 
 SUBCOMMANDS = {
+    "demo": ("valuemix.demo.show:demo", "the offline demo: SmolLM2-135M-Instruct steered by five shipped heads"),
     "quickstart": ("valuemix.quickstart", "the whole workflow on a tiny model built on the spot"),
     "sample": ("valuemix.commands:sample", "sample completions from the base model to a dataset folder"),
     "score": ("valuemix.commands:score", "add reward columns to a samples folder"),
     "train": ("valuemix.commands:train", "train one value head on a reward column and save it"),
     "push": ("valuemix.commands:push", "publish a head folder to the Hugging Face Hub"),
+    "ui": ("valuemix.ui.cli:ui", "the slider app: mix heads live, see rewards and KL, HTTP API (needs [ui])"),
+    "eval": ("valuemix.evaluation:eval", "reward vs KL over a coefficient sweep, against Best-of-N (JSON + PNG)"),
     "bench": ("valuemix.bench", "decoding speed: valuemix vs the reference VAS decoding"),
 }
 # Errors that mean "the user asked for something that cannot be done": printed without a traceback

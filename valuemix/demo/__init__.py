@@ -19,7 +19,7 @@ from .rewards import demo_rewards
 from .smollm import MODEL_ID, first_layers, load_smollm2
 
 HEAD_NAMES = ("helpful", "harmless", "cheerful", "concise", "unlearn")
-BACKBONE_LAYERS = 10  # the value backbone: SmolLM2's first layers (see recipes/demo.py for the measurement)
+BACKBONE_LAYERS = 12  # the value backbone: SmolLM2's first 12 of 30 layers (decodes ~1.8x faster than all 30)
 HEADS_DIR = Path(__file__).parent / "heads"
 
 

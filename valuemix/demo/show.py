@@ -1,0 +1,104 @@
+"""`valuemix demo`: the offline demo world — SmolLM2-135M-Instruct steered by its five shipped heads.
+
+Starts the slider app on http://127.0.0.1:7860 (needs the `ui` extra: pip install 'valuemix[ui]').
+With --no-ui, prints instead, for a few held-out prompts, the base model's reply and the reply under
+several mixes, with every reward and the KL from the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..commands import Subcommand, _fill
+from ..options import add_dataclass_arguments, make_parser, parse_args
+from ..ui.cli import ServeArgs
+
+MIXES = ({}, {"helpful": 4.0}, {"harmless": 4.0}, {"cheerful": 4.0}, {"concise": 4.0}, {"unlearn": 6.0},
+         {"cheerful": -4.0}, {"cheerful": 3.0, "concise": 3.0})
+
+
+@dataclass
+class DemoArgs:
+    """Settings of `valuemix demo`.
+
+    Attributes:
+        no_ui: print a table of replies and rewards instead of starting the slider app.
+        prompts: how many held-out prompts the table shows.
+        max_new_tokens: longest reply, in tokens (in the app: the length slider's starting value).
+        top_k: candidates valued per step.
+        seed: sampling seed of the table (the same for every mix, so replies differ only by the mix).
+    """
+
+    no_ui: bool = False
+    prompts: int = 3
+    max_new_tokens: int = 48
+    top_k: int = 20
+    seed: int = 0
+
+
+def make_demo_parser():
+    parser = make_parser("valuemix demo", __doc__)
+    add_dataclass_arguments(parser, DemoArgs)
+    add_dataclass_arguments(parser, ServeArgs, exclude=("max_new_tokens", "top_k"), title="slider app")
+    return parser
+
+
+def demo_main(argv=None) -> list[dict] | None:
+    """Load the demo world and serve the slider app on it, or (--no-ui) print the table of mixes."""
+    from . import load_demo
+
+    parsed = parse_args(make_demo_parser(), argv, "demo")
+    args = _fill(DemoArgs, parsed)
+    if args.no_ui:
+        return print_table(load_demo(), args)
+    from ..ui.cli import require_gradio, serve
+
+    try:
+        require_gradio()  # before loading the models
+    except ImportError as err:
+        raise ImportError(f"{err} (or run `valuemix demo --no-ui` for the table of replies).") from err
+    serving = _fill(ServeArgs, parsed, exclude=("max_new_tokens", "top_k"))
+    serving.max_new_tokens, serving.top_k = args.max_new_tokens, args.top_k
+    serve(load_demo(), serving)
+    return None
+
+
+def print_table(world, args: DemoArgs) -> list[dict]:
+    """Generate every mix of MIXES on the first held-out prompts; print rewards, KL and replies."""
+    from .. import Mixer, generate
+
+    prompts = world.prompts[:args.prompts]
+    zero = {h: 0.0 for h in world.bank.heads}
+    rows = []
+    for mix in MIXES:
+        mixer = Mixer(world.bank, zero | mix, top_k=args.top_k, tokenizer=world.tokenizer)
+        out = generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed)
+        scores = {name: sum(fn(prompts, out.texts)) / len(prompts) for name, fn in world.rewards.items()}
+        rows.append({"mix": mix, "rewards": scores, "kl": sum(out.kl) / len(out.kl), "texts": out.texts})
+    print(render(rows, [_request(p) for p in prompts]))
+    return rows
+
+
+def _request(prompt: str) -> str:
+    from .rewards import user_request
+
+    return user_request(prompt)
+
+
+def render(rows: list[dict], requests: list[str]) -> str:
+    """Mean rewards and KL per mix, then every reply per prompt."""
+    names = list(rows[0]["rewards"])
+    lines = ["mix".ljust(34) + "".join(n[:9].rjust(10) for n in names) + "KL nats".rjust(9)]
+    for row in rows:
+        label = ", ".join(f"{h}={b:g}" for h, b in row["mix"].items()) or "base (all β = 0)"
+        lines.append(label.ljust(34) + "".join(f"{row['rewards'][n]:10.3f}" for n in names) + f"{row['kl']:9.2f}")
+    for i, request in enumerate(requests):
+        lines += ["", f"### {request}"]
+        for row in rows:
+            label = ", ".join(f"{h}={b:g}" for h, b in row["mix"].items()) or "base"
+            lines.append(f"[{label}] {' '.join(row['texts'][i].split())}")
+    return "\n".join(lines)
+
+
+demo = Subcommand(make_demo_parser, demo_main)

@@ -1,0 +1,127 @@
+"""`valuemix eval`: reward vs KL of value mixing over a coefficient sweep, against Best-of-N.
+
+    valuemix eval --out runs/eval                              # the offline demo world
+    valuemix eval --base BASE --backbone BACKBONE --heads runs/heads/short --prompts prompts.txt \\
+                  --reward short=brevity --betas 0 --betas 2 --betas 4 --out runs/eval
+
+Writes report.json (every setting's mean rewards, KL and cost; Best-of-N curves; a summary per head)
+and PNG plots: reward vs KL per head (VAS and Best-of-N), and the Pareto front of a two-head grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .commands import Subcommand, load_base, read_prompts
+from .compose.evaluate import EvalConfig, evaluate
+from .compose.plots import plot_report
+from .heads.atomic import atomic_directory
+from .options import add_dataclass_arguments, make_parser, parse_args
+
+
+@dataclass
+class EvalArgs:
+    """Settings of `valuemix eval` besides the sweep's own (see EvalConfig).
+
+    Attributes:
+        out: folder for report.json and the PNG plots.
+        base: the base model (a folder or a Hub id); leave empty for the offline demo world.
+        backbone: the value backbone (a folder or a Hub id); default: the base.
+        heads: head folders or Hub ids to load onto the backbone.
+        prompts: prompts file (.txt, .jsonl or .json); default with the demo: its held-out prompts.
+        reward: NAME=SPEC rewards (see `valuemix score --help`); a head is compared with Best-of-N on the reward of its own name; default with the demo: its five rewards.
+        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
+        n_prompts: evaluate on the first N prompts only (0: all).
+        progress: show progress bars.
+    """
+
+    out: str = field(metadata={"metavar": "DIR"})
+    base: str = ""
+    backbone: str = ""
+    heads: list[str] = field(default_factory=list)
+    prompts: str = ""
+    reward: list[str] = field(default_factory=list)
+    chat_template: bool = False
+    n_prompts: int = 0
+    progress: bool = True
+
+
+def make_eval_parser():
+    parser = make_parser("valuemix eval", __doc__)
+    add_dataclass_arguments(parser, EvalArgs)
+    add_dataclass_arguments(parser, EvalConfig, title="sweep")
+    return parser
+
+
+def eval_main(argv=None) -> dict:
+    """Run the evaluation, write report.json and the plots; returns the report."""
+    args = parse_args(make_eval_parser(), argv, "eval")
+    config = EvalConfig(**{f.name: _tuple(getattr(args, f.name), f.default) for f in fields(EvalConfig)})
+    base, tokenizer, bank, prompts, rewards = _world(args)
+    if args.n_prompts:
+        prompts = prompts[:args.n_prompts]
+    report = evaluate(base, tokenizer, bank, prompts, rewards, config, progress=args.progress)
+    with atomic_directory(args.out) as tmp:
+        Path(tmp, "report.json").write_text(json.dumps(report, indent=1))
+        plots = plot_report(report, tmp)
+    print(summary_table(report))
+    print(f"\nWrote {args.out}/report.json and {', '.join(p.name for p in plots)}")
+    return report
+
+
+def _tuple(value, default):
+    """Repeatable flags arrive as lists (or None when not given)."""
+    if value is None:
+        return default
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _world(args):
+    """(base, tokenizer, bank, prompts, rewards) from the flags, or the demo world when no base is given."""
+    from .heads.bank import ValueBank
+
+    if not args.base:
+        from .demo import load_demo
+
+        world = load_demo()
+        prompts = read_prompts(args.prompts) if args.prompts else world.prompts
+        rewards = _rewards(args.reward) if args.reward else world.rewards
+        return world.base, world.tokenizer, world.bank, prompts, rewards
+    if not (args.heads and args.prompts and args.reward):
+        raise ValueError("With --base, give --heads, --prompts and at least one --reward NAME=SPEC "
+                         "(or leave --base out to evaluate the offline demo world).")
+    base, tokenizer = load_base(args.base)
+    bank = ValueBank(args.backbone or args.base)
+    for head in args.heads:
+        bank.load_head(head)
+    prompts = read_prompts(args.prompts)
+    if args.chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    rewards = _rewards(args.reward, tokenizer)
+    return base, tokenizer, bank, prompts, rewards
+
+
+def _rewards(specs, tokenizer=None) -> dict:
+    from .reward_specs import parse_reward
+
+    return {name: fn for name, fn, _ in (parse_reward(s, tokenizer=lambda: tokenizer) for s in specs)}
+
+
+def summary_table(report: dict) -> str:
+    """A Markdown table: per head, the largest Best-of-N VAS reaches, at what KL and cost, and the gain."""
+    lines = ["| head | base reward | largest BoN reached | β | VAS reward | VAS KL | VAS s/completion | "
+             "BoN s/completion | gain at BoN-16 KL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for head, s in report["summary"].items():
+        if "largest_best_of_n_reached" in s:
+            lines.append(f"| {head} | {s['base_reward']:.3f} | {s['largest_best_of_n_reached']} | {s['beta']:g} | "
+                         f"{s['vas_reward']:.3f} | {s['vas_kl']:.2f} | {s['vas_seconds']:.3f} | "
+                         f"{s['best_of_n_seconds']:.3f} | {s['gain_at_best_of_16_kl']:+.3f} |")
+        else:
+            lines.append(f"| {head} | {s['base_reward']:.3f} | none | | | | | | {s['gain_at_best_of_16_kl']:+.3f} |")
+    return "\n".join(lines)
+
+
+eval = Subcommand(make_eval_parser, eval_main)  # noqa: A001  (the subcommand's name)
