@@ -1,0 +1,90 @@
+"""The offline demo world: it loads, and every shipped head moves its own reward the right way."""
+
+import json
+
+import pytest
+
+import valuemix as vm
+from valuemix.cli import main as cli
+from valuemix.demo import HEAD_NAMES, load_demo
+from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS
+
+# held-out prompts where each reward has room to move, and the coefficient tested (harmless overshoots past
+# β ≈ 3: its reward is already ~0.95 on the base, and larger steps trade it for odd text)
+CASES = {"helpful": ("helpful", 4.0), "harmless": ("edgy", 2.0), "cheerful": ("mood", 4.0),
+         "concise": ("long", 4.0), "unlearn": ("paris", 4.0)}
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_demo()
+
+
+def mean_reward(world, head, prompts, weights, tokens=24):
+    """Mean of `head`'s reward over the prompts × SEEDS under a mix (the same seeds for every mix)."""
+    mixer = vm.Mixer(world.bank, {h: 0.0 for h in world.bank.heads} | weights, tokenizer=world.tokenizer)
+    scores = []
+    for seed in SEEDS:
+        out = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens, seed=seed)
+        scores += world.rewards[head](prompts, out.texts)
+    return sum(scores) / len(scores)
+
+
+def test_the_demo_loads_offline(world):
+    assert world.bank.heads == list(HEAD_NAMES)
+    assert set(world.rewards) == set(HEAD_NAMES)
+    assert world.prompts[0].startswith("<|im_start|>") and world.prompts[0].endswith("<|im_start|>assistant\n")
+    assert world.bank.configs["concise"].data_size > 500
+    world.bank.check_tokenizer(world.tokenizer)
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_each_head_moves_its_own_reward_both_ways(world, head):
+    group, beta = CASES[head]
+    prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]]
+    low, base, high = (mean_reward(world, head, prompts, {head: b}) for b in (-beta, 0.0, beta))
+    assert high > base, (low, base, high)
+    assert low < base, (low, base, high)
+
+
+def test_unlearn_removes_the_entity_and_keeps_helpfulness(world):
+    prompts = [world.chat(p) for p in HELD_OUT_GROUPS["paris"]]
+    mixer = vm.Mixer(world.bank, {"unlearn": 2.0}, tokenizer=world.tokenizer)
+    base_mixer = vm.Mixer(world.bank, {}, tokenizer=world.tokenizer)
+    steered = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=32, seed=0)
+    plain = vm.generate(world.base, world.tokenizer, prompts, base_mixer, max_new_tokens=32, seed=0)
+    mentions = [ENTITY.lower() in t.lower() for t in steered.texts]
+    before = [ENTITY.lower() in t.lower() for t in plain.texts]
+    assert sum(mentions) <= 1 < sum(before)
+    helpful = world.rewards["helpful"]
+    tolerance = 0.05  # helpfulness may drop at most this much (cosine similarity, in [-1, 1])
+    assert sum(helpful(prompts, steered.texts)) / len(prompts) > sum(helpful(prompts, plain.texts)) / len(prompts) - tolerance
+
+
+def test_valuemix_eval_on_the_demo_writes_json_and_png(tmp_path):
+    out = tmp_path / "eval"
+    assert cli(["eval", "--out", str(out), "--n-prompts", "2", "--betas", "4", "--best-of", "4",
+                "--samples-per-prompt", "1", "--max-new-tokens", "8", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["best_of_n"]) == set(HEAD_NAMES)
+    assert len(report["settings"]) == 1 + len(HEAD_NAMES)
+    for head in HEAD_NAMES:
+        assert (out / f"reward_vs_kl_{head}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_gguf_conversion_gives_the_same_model(tmp_path, monkeypatch):
+    """Converting the GGUF afresh (into an empty cache) gives the same logits as transformers' GGUF loader."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from valuemix.demo.smollm import GGUF_FILE, gguf_folder, load_smollm2
+
+    monkeypatch.setenv("VALUEMIX_CACHE", str(tmp_path))
+    model, tokenizer = load_smollm2()
+    assert (tmp_path / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+    reference = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
