@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..commands import DTYPES, Subcommand, _absolute_if_folder, _fill
-from ..options import add_dataclass_arguments, make_parser, parse_args
+from ..commands import DTYPES, Subcommand, _absolute_if_folder
+from ..options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 UI_INSTALL = "pip install 'valuemix[ui]'"
 
@@ -109,7 +109,7 @@ def ui_main(argv=None):
     from .logic import AppParts
 
     parsed: argparse.Namespace = parse_args(make_ui_parser(), argv, "ui")
-    args, serving = _fill(UiArgs, parsed), _fill(ServeArgs, parsed)
+    args, serving = fill_dataclass(UiArgs, parsed), fill_dataclass(ServeArgs, parsed)
     require_gradio()  # before loading any model
     examples = read_prompts(args.examples) if args.examples else []
     base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)

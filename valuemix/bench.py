@@ -36,12 +36,45 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .options import add_dataclass_arguments, fill_dataclass, parse_args
+from .options import make_parser as make_options_parser
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 
 
 @dataclass
 class BenchConfig:
-    """Settings of one benchmark run (see `make_parser` for the flags)."""
+    """Settings of one benchmark run (each is a flag of `python -m valuemix.bench`).
+
+    Attributes:
+        layers: base model layers.
+        hidden: hidden size of the base and the backbone.
+        intermediate: MLP size.
+        attention_heads: attention heads.
+        kv_heads: key/value heads (grouped-query attention).
+        vocab: vocabulary size.
+        backbone_layers: value backbone layers (None: the same as layers).
+        top_k: candidates valued per step.
+        new_tokens: tokens generated per run.
+        prompt_tokens: prompt length in tokens.
+        batch: batch sizes to time.
+        heads: head counts to time valuemix with.
+        beta: coefficient of every head.
+        repeats: timed runs per configuration (the median is reported).
+        warmup: untimed runs first.
+        threads: torch.set_num_threads.
+        seed: random seed of the models and prompts.
+        reference: also time the slow reference VAS decoding.
+        train: also measure head training throughput.
+        train_prompts: prompts sampled for the training measurement.
+        train_per_prompt: samples per prompt for it.
+        train_prompt_tokens: their prompt length.
+        train_new_tokens: their completion length.
+        train_repeats: timed training runs (median).
+        out: JSON results file.
+        markdown: also write the Markdown table to this file.
+        progress: show a progress bar.
+    """
 
     layers: int = 30
     hidden: int = 576
@@ -361,7 +394,7 @@ def _training_section(cfg: BenchConfig, base, tokenizer, bank) -> dict:
 def format_markdown(results: dict) -> str:
     cfg, m = results["config"], results["machine"]
     lines = [
-        f"## valuemix decoding benchmark",
+        "## valuemix decoding benchmark",
         "",
         f"Models: random Llama, {cfg['layers']} layers (backbone {cfg['backbone_layers'] or cfg['layers']}), "
         f"hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, vocab {cfg['vocab']}, float32. "
@@ -419,43 +452,13 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
 
 # ------------------------------------------------------------------ CLI
 def make_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m valuemix.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=d.layers, help="base model layers")
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--intermediate", type=int, default=d.intermediate)
-    p.add_argument("--attention-heads", type=int, default=d.attention_heads)
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    p.add_argument("--vocab", type=int, default=d.vocab)
-    p.add_argument("--backbone-layers", type=int, default=d.backbone_layers,
-                   help="value backbone layers (default: same as --layers)")
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--batch", type=int, nargs="+", default=d.batch, help="batch size(s)")
-    p.add_argument("--heads", type=int, nargs="+", default=d.heads, help="head counts for valuemix")
-    p.add_argument("--beta", type=float, default=d.beta, help="coefficient of every head")
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the slow reference")
-    p.add_argument("--no-train", dest="train", action="store_false", help="skip head training throughput")
-    p.add_argument("--train-prompts", type=int, default=d.train_prompts)
-    p.add_argument("--train-per-prompt", type=int, default=d.train_per_prompt)
-    p.add_argument("--train-prompt-tokens", type=int, default=d.train_prompt_tokens)
-    p.add_argument("--train-new-tokens", type=int, default=d.train_new_tokens)
-    p.add_argument("--train-repeats", type=int, default=d.train_repeats)
-    p.add_argument("--out", default=d.out, help="JSON results file")
-    p.add_argument("--markdown", default=d.markdown, help="also write the Markdown table here")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
+    parser = make_options_parser("python -m valuemix.bench", __doc__.split("\n\n")[0])
+    add_dataclass_arguments(parser, BenchConfig)
+    return parser
 
 
 def main(argv=None) -> dict:
-    args = make_parser().parse_args(argv)
-    cfg = BenchConfig(**vars(args))
+    cfg = fill_dataclass(BenchConfig, parse_args(make_parser(), argv, "bench"))
     results = run(cfg)
     table = format_markdown(results)
     print(table)

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         lines = "\n".join(f"  {name:12} {help}" for name, (_, help) in SUBCOMMANDS.items())
         print(f"usage: valuemix SUBCOMMAND [options]\n\nsubcommands:\n{lines}\n\n"
-              "`valuemix SUBCOMMAND --help` lists a subcommand's options; every subcommand but quickstart and "
-              "bench also reads them from --config FILE (YAML or JSON).")
+              "`valuemix SUBCOMMAND --help` lists a subcommand's options; every subcommand also reads them "
+              "from --config FILE (YAML or JSON).")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2

@@ -17,11 +17,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .options import add_dataclass_arguments, make_parser, parse_args
+from .options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 REWARDS_FILE = "valuemix_rewards.json"  # beside a scored dataset: what each reward column measures
@@ -32,11 +32,6 @@ class Subcommand(NamedTuple):
 
     make_parser: Callable
     main: Callable
-
-
-def _fill(cls, args, exclude=()):
-    """An instance of dataclass `cls` from the parsed flags of its fields."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in exclude})
 
 
 # ------------------------------------------------------------------------------------------ sample
@@ -89,7 +84,7 @@ def sample_main(argv=None) -> str:
     from .heads.sampling import sample_base
 
     parser = make_sample_parser()
-    args = _fill(SampleArgs, parse_args(parser, argv, "sample"))
+    args = fill_dataclass(SampleArgs, parse_args(parser, argv, "sample"))
     prompts = read_prompts(args.prompts)
     args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
     base, tokenizer = load_base(args.base, args.device, args.dtype)
@@ -235,7 +230,7 @@ def score_main(argv=None) -> str:
     from .heads.sampling import score
     from .reward_specs import parse_reward
 
-    args = _fill(ScoreArgs, parse_args(make_score_parser(), argv, "score"))
+    args = fill_dataclass(ScoreArgs, parse_args(make_score_parser(), argv, "score"))
     samples, described = load_samples(args.samples)
 
     def tokenizer():
@@ -310,9 +305,9 @@ def train_main(argv=None) -> str:
 
     parser = make_train_parser()
     parsed = parse_args(parser, argv, "train")
-    args = _fill(TrainArgs, parsed)
+    args = fill_dataclass(TrainArgs, parsed)
     try:
-        config = _fill(TrainConfig, parsed)
+        config = fill_dataclass(TrainConfig, parsed)
     except ValueError as err:
         parser.error(str(err))
     samples, described = load_samples(args.samples)
@@ -370,7 +365,7 @@ def push_main(argv=None) -> str:
     """Push a head folder to the Hub; returns the commit URL."""
     from .heads import hub
 
-    args = _fill(PushArgs, parse_args(make_push_parser(), argv, "push"))
+    args = fill_dataclass(PushArgs, parse_args(make_push_parser(), argv, "push"))
     url = hub.push_folder(args.directory, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.message, revision=args.revision)
     print(f"Pushed {args.directory} to {args.repo_id}: {url}")

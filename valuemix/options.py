@@ -235,3 +235,7 @@ def _coerce(parser, action, value, path: str):
         parser.error(f"{path}: {flag}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     return converted
 
+
+def fill_dataclass(cls, args, exclude=()):
+    """An instance of dataclass `cls` from the parsed flags of its fields (other flags, like --config, ignored)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in exclude})

@@ -7,7 +7,6 @@ Run it with `valuemix quickstart`.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,8 @@ from .heads import rewards
 from .heads.bank import ValueBank
 from .heads.sampling import sample_base, score
 from .heads.training import TrainConfig, train_head
+from .options import add_dataclass_arguments, fill_dataclass, parse_args
+from .options import make_parser as make_options_parser
 from .tiny import build_model, build_tokenizer, pretrain
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
@@ -24,7 +25,15 @@ COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple
 
 @dataclass
 class QuickstartConfig:
-    """Settings of the quick-start run."""
+    """Settings of the quick-start run (each is a flag of `valuemix quickstart`).
+
+    Attributes:
+        samples_per_prompt: base samples per training prompt.
+        new_tokens: tokens per completion.
+        epochs: TD(λ) training epochs per head.
+        top_k: candidates valued per step when mixing.
+        seed: random seed of sampling and training.
+    """
 
     samples_per_prompt: int = 32
     new_tokens: int = 12
@@ -33,17 +42,15 @@ class QuickstartConfig:
     seed: int = 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="valuemix quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in vars(QuickstartConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+def make_parser():
+    parser = make_options_parser("valuemix quickstart", __doc__)
+    add_dataclass_arguments(parser, QuickstartConfig)
     return parser
 
 
 def main(argv=None) -> list[dict]:
     """Run the quick start; print and return one row per coefficient setting."""
-    config = QuickstartConfig(**vars(make_parser().parse_args(argv)))
+    config = fill_dataclass(QuickstartConfig, parse_args(make_parser(), argv, "quickstart"))
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     base = pretrain(build_model("llama", len(tokenizer), hidden=64, layers=2), tokenizer, steps=150)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..commands import Subcommand, _fill
-from ..options import add_dataclass_arguments, make_parser, parse_args
+from ..commands import Subcommand
+from ..options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 from ..ui.cli import ServeArgs
 
 MIXES = ({}, {"helpful": 4.0}, {"harmless": 4.0}, {"cheerful": 4.0}, {"concise": 4.0}, {"unlearn": 6.0},
@@ -48,7 +48,7 @@ def demo_main(argv=None) -> list[dict] | None:
     from . import load_demo
 
     parsed = parse_args(make_demo_parser(), argv, "demo")
-    args = _fill(DemoArgs, parsed)
+    args = fill_dataclass(DemoArgs, parsed)
     if args.no_ui:
         return print_table(load_demo(), args)
     from ..ui.cli import require_gradio, serve
@@ -57,7 +57,7 @@ def demo_main(argv=None) -> list[dict] | None:
         require_gradio()  # before loading the models
     except ImportError as err:
         raise ImportError(f"{err} (or run `valuemix demo --no-ui` for the table of replies).") from err
-    serving = _fill(ServeArgs, parsed, exclude=("max_new_tokens", "top_k"))
+    serving = fill_dataclass(ServeArgs, parsed, exclude=("max_new_tokens", "top_k"))
     serving.max_new_tokens, serving.top_k = args.max_new_tokens, args.top_k
     serve(load_demo(), serving)
     return None
