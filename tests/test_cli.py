@@ -73,6 +73,14 @@ def test_sample_score_train_from_flags(tiny, scored, tmp_path):
     assert config.reward == rewards.brevity().description
     assert (config.data_size, config.lam, config.metrics["steps"]) == (6, 0.9, 2)
     assert config.backbone == config.base_model == tiny
+    # … and on to eval, still from the command line alone
+    out = tmp_path / "eval"
+    assert run("eval", "--base", tiny, "--heads", head, "--prompts", str(tmp_path / "prompts.txt"), "--reward",
+               "short=brevity", "--betas", 2, "--best-of", 2, "--samples-per-prompt", 1, "--max-new-tokens", 4,
+               "--out", out, "--no-progress") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["weights"] for s in report["settings"]] == [{"short": 0.0}, {"short": 2.0}]
+    assert (out / "reward_vs_kl_short.png").exists()
 
 
 def test_the_same_from_one_yaml_file_with_flags_overriding_it(tiny, prompts_file, tmp_path):
