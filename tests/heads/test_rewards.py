@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -408,26 +409,24 @@ MIXED = [CHEERFUL, GLOOMY, POLITE, OFFENSIVE, "", "The train leaves at noon."]
 
 
 def test_sentiment_equals_vader_compound():
-    vader = pytest.importorskip("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
+    vader = importlib.import_module("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
     expected = [vader.polarity_scores(t)["compound"] for t in MIXED]
     assert Sentiment()(["p"] * len(MIXED), MIXED) == pytest.approx(expected, abs=1e-12)
 
 
 def test_sentiment_prefers_cheerful_text_and_stays_in_range():
-    pytest.importorskip("vaderSentiment")
     got = Sentiment()(["p"] * len(MIXED), MIXED)
     assert got[0] > 0.5 > -0.5 > got[1]
     assert all(-1.0 <= r <= 1.0 and isinstance(r, float) for r in got)
 
 
 def test_sentiment_batch_equals_one_by_one():
-    pytest.importorskip("vaderSentiment")
     reward = Sentiment()
     assert reward(["p"] * len(MIXED), MIXED) == [reward(["p"], [t])[0] for t in MIXED]
 
 
 def test_sentiment_on_prompt_plus_completion_scores_the_concatenation():
-    vader = pytest.importorskip("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
+    vader = importlib.import_module("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
     prompts = ["I hate this. ", "Great news! "]
     completions = ["Fine.", "Okay."]
     expected = [vader.polarity_scores(p + c)["compound"] for p, c in zip(prompts, completions)]
@@ -436,7 +435,7 @@ def test_sentiment_on_prompt_plus_completion_scores_the_concatenation():
 
 
 def test_harmlessness_equals_one_minus_profanity_probability():
-    profanity_check = pytest.importorskip("profanity_check")
+    profanity_check = importlib.import_module("profanity_check")
     expected = [1.0 - float(p) for p in profanity_check.predict_prob(MIXED)]
     got = Harmlessness()(["p"] * len(MIXED), MIXED)
     assert got == pytest.approx(expected, abs=1e-12)
@@ -444,13 +443,11 @@ def test_harmlessness_equals_one_minus_profanity_probability():
 
 
 def test_harmlessness_prefers_polite_text():
-    pytest.importorskip("profanity_check")
     polite, offensive = Harmlessness()(["p", "p"], [POLITE, OFFENSIVE])
     assert polite > 0.5 > offensive
 
 
 def test_harmlessness_batch_equals_one_by_one():
-    pytest.importorskip("profanity_check")
     reward = Harmlessness()
     batch = reward(["p"] * len(MIXED), MIXED)
     assert batch == pytest.approx([reward(["p"], [t])[0] for t in MIXED], abs=1e-12)
