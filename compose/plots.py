@@ -37,13 +37,7 @@ def _reward_vs_kl(report: dict, head: str, out_dir: Path) -> Path:
                     xytext=(4, 4), fontsize=7, color="tab:blue")
     ax.set(xlabel="KL(π ‖ π_ref) per completion (nats)", ylabel=f"mean reward: {head}",
            title=f"{head}: reward vs KL")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = out_dir / f"reward_vs_kl_{head}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, out_dir / f"reward_vs_kl_{head}.png")
 
 
 def _pareto(report: dict, a: str, b: str, out_dir: Path) -> Path:
@@ -58,9 +52,13 @@ def _pareto(report: dict, a: str, b: str, out_dir: Path) -> Path:
                     xytext=(4, 4), fontsize=7)
     ax.plot(*zip(*front), "-", color="tab:orange", label="Pareto front")
     ax.set(xlabel=f"mean reward: {a}", ylabel=f"mean reward: {b}", title=f"Mixing {a} and {b}: (β_{a}, β_{b})")
+    return _finish(fig, ax, out_dir / f"pareto_{a}_{b}.png")
+
+
+def _finish(fig, ax, path: Path) -> Path:
+    """Grid, legend, tight layout; save as PNG and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend()
-    path = out_dir / f"pareto_{a}_{b}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

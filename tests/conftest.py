@@ -17,6 +17,16 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> str:
+    """A tiny llama (seed 0) and its tokenizer saved to a folder: a base and backbone that load by path, offline."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_model("llama", len(tokenizer), seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def base_model(tokenizer):
     return build_model("llama", len(tokenizer), seed=0)

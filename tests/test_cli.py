@@ -10,7 +10,7 @@ import json
 import datasets
 import pytest
 import yaml
-from conftest import build_model, build_tokenizer
+from conftest import build_tokenizer
 
 import valuemix as vm
 from valuemix import cli, commands, reward_specs
@@ -21,14 +21,10 @@ PROMPTS = ["the cat", "hello", "a happy"]
 MINE = ("sample", "score", "train", "push")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny llama and its tokenizer in a folder: the base model and the value backbone."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer()
-    build_model("llama", len(tokenizer), seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture
+def tiny(tiny_folder):
+    """The tiny llama folder: the base model and the value backbone."""
+    return tiny_folder
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer
 from huggingface_hub import ModelCard, constants
 
 import valuemix as vm
@@ -129,14 +128,9 @@ def fake_hub(isolated_hf, monkeypatch):
     server.close()
 
 
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    """A tiny llama and its tokenizer saved to a folder: a backbone (and base) that loads by path, offline."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    build_model("llama", len(tokenizer), seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture
+def backbone_dir(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture
