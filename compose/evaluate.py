@@ -164,7 +164,7 @@ def summarize(report: dict) -> dict:
         bon16 = next((p for p in curve if p["n"] == 16), curve[-1])
         within = [s for s in sweep + [base] if s["kl"] <= bon16["kl"]]
         best_within = max(within, key=lambda s: s["rewards"][head]) if within else base
-        entry = {"base_reward": base["rewards"][head],
+        entry = {"base_reward": base["rewards"][head], **steering(settings, head),
                  "gain_at_best_of_16_kl": best_within["rewards"][head] - base["rewards"][head],
                  "beta_at_best_of_16_kl": best_within["weights"][head]}
         if reached:
@@ -175,3 +175,32 @@ def summarize(report: dict) -> dict:
                           "vas_seconds": setting["seconds_per_completion"]})
         summary[head] = entry
     return summary
+
+
+def head_evaluation(report: dict, head: str) -> dict:
+    """What an evaluation measured for one head, to record in its head_config.json and model card."""
+    summary, config = report["summary"][head], report["config"]
+    return {"working_beta_range": summary["working_beta_range"], "sweep": summary["sweep"],
+            "prompts": report["prompts"], "samples_per_prompt": config["samples_per_prompt"],
+            "max_new_tokens": config["max_new_tokens"], "top_k": config["top_k"],
+            "largest_best_of_n_reached": summary.get("largest_best_of_n_reached")}
+
+
+def steering(settings: Sequence[dict], head: str) -> dict:
+    """The head's own sweep (every other β at 0) and the β range over which it steered as asked.
+
+    `sweep`: [{beta, reward, kl}] by β. `working_beta_range`: [lo, hi], the widest range of swept βs
+    around 0 over which the head's reward rises strictly with β at every step; an end is 0 when
+    even the first step from 0 failed (e.g. the reward overshot or did not move).
+    """
+    rows = sorted(({"beta": s["weights"][head], "reward": s["rewards"][head], "kl": s["kl"]} for s in settings
+                   if all(b == 0 for h, b in s["weights"].items() if h != head)), key=lambda r: r["beta"])
+    zero = next(i for i, r in enumerate(rows) if r["beta"] == 0)
+
+    def reach(step: int) -> float:
+        end = zero
+        while 0 <= end + step < len(rows) and step * (rows[end + step]["reward"] - rows[end]["reward"]) > 0:
+            end += step
+        return rows[end]["beta"]
+
+    return {"sweep": rows, "working_beta_range": [reach(-1), reach(1)]}

@@ -101,6 +101,7 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
         lam_text = "not recorded"
     else:
         lam_text = f"λ = {config.lam:g}, γ = 1" + (" (Monte Carlo)" if config.lam == 1 else "")
+    worked = config.evaluation.get("working_beta_range", config.beta_range)
     return ModelCard.from_template(
         card_data,
         template_path=str(CARD_TEMPLATE),
@@ -117,6 +118,9 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
         reward_std=f"{config.reward_std:.4g}",
         beta_min=f"{config.beta_range[0]:g}",
         beta_max=f"{config.beta_range[1]:g}",
+        evaluation=config.evaluation,
+        worked_min=f"{worked[0]:g}",
+        worked_max=f"{worked[1]:g}",
         metrics=[(key, f"{value:.4g}" if isinstance(value, float) else value)
                  for key, value in sorted(config.metrics.items())],
         valuemix_version=config.valuemix_version or "unknown",

@@ -23,6 +23,8 @@ class HeadConfig:
         reward_mean, reward_std: reward normalisation; values are in units of reward_std.
         beta_range: the coefficient range a mixer accepts for this head.
         metrics: training metrics (final loss, steps, seconds, …).
+        evaluation: what `valuemix eval --record-in-heads` measured on held-out prompts: the β sweep
+            (reward, KL), the working β range, and the evaluation's size (see `head_evaluation`).
         valuemix_version: the version that wrote the head.
     """
 
@@ -39,6 +41,7 @@ class HeadConfig:
     reward_std: float = 1.0
     beta_range: tuple[float, float] = (-10.0, 10.0)
     metrics: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
     valuemix_version: str = ""
 
     def to_json(self) -> str:

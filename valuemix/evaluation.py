@@ -11,11 +11,11 @@ and PNG plots: reward vs KL per head (VAS and Best-of-N), and the Pareto front o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .commands import Subcommand, load_base, read_prompts
-from .compose.evaluate import EvalConfig, evaluate
+from .compose.evaluate import EvalConfig, evaluate, head_evaluation
 from .compose.plots import plot_report
 from .heads.atomic import atomic_directory
 from .options import add_dataclass_arguments, make_parser, parse_args
@@ -34,6 +34,8 @@ class EvalArgs:
         reward: NAME=SPEC rewards (see `valuemix score --help`); a head is compared with Best-of-N on the reward of its own name; default with the demo: its five rewards.
         chat_template: wrap each prompt as a user message with the tokenizer's chat template.
         n_prompts: evaluate on the first N prompts only (0: all).
+        record_in_heads: write each head's measured sweep and working β range into its head_config.json
+            and model card (heads loaded from local folders, the demo's own included; not Hub ids).
         progress: show progress bars.
     """
 
@@ -45,6 +47,7 @@ class EvalArgs:
     reward: list[str] = field(default_factory=list)
     chat_template: bool = False
     n_prompts: int = 0
+    record_in_heads: bool = False
     progress: bool = True
 
 
@@ -59,7 +62,7 @@ def eval_main(argv=None) -> dict:
     """Run the evaluation, write report.json and the plots; returns the report."""
     args = parse_args(make_eval_parser(), argv, "eval")
     config = EvalConfig(**{f.name: _tuple(getattr(args, f.name), f.default) for f in fields(EvalConfig)})
-    base, tokenizer, bank, prompts, rewards = _world(args)
+    base, tokenizer, bank, prompts, rewards, folders = _world(args)
     if args.n_prompts:
         prompts = prompts[:args.n_prompts]
     report = evaluate(base, tokenizer, bank, prompts, rewards, config, progress=args.progress)
@@ -68,7 +71,21 @@ def eval_main(argv=None) -> dict:
         plots = plot_report(report, tmp)
     print(summary_table(report))
     print(f"\nWrote {args.out}/report.json and {', '.join(p.name for p in plots)}")
+    if args.record_in_heads:
+        record_in_heads(bank, report, folders)
     return report
+
+
+def record_in_heads(bank, report: dict, folders: dict) -> None:
+    """Write each evaluated head's measurements into its folder's head_config.json and model card."""
+    for head in report["summary"]:
+        if head not in folders:
+            print(f"Not recorded for {head}: it was not loaded from a local folder (a Hub id's cache is read-only).")
+            continue
+        bank.configs[head] = replace(bank.configs[head], evaluation=head_evaluation(report, head))
+        bank.save_head(head, folders[head])
+        low, high = bank.configs[head].evaluation["working_beta_range"]
+        print(f"Recorded in {folders[head]}: β from {low:g} to {high:g} worked for {head}")
 
 
 def _tuple(value, default):
@@ -79,29 +96,33 @@ def _tuple(value, default):
 
 
 def _world(args):
-    """(base, tokenizer, bank, prompts, rewards) from the flags, or the demo world when no base is given."""
+    """(base, tokenizer, bank, prompts, rewards, {head: local folder}) from the flags, or the demo world."""
     from .heads.bank import ValueBank
 
     if not args.base:
-        from .demo import load_demo
+        from .demo import HEADS_DIR, load_demo
 
         world = load_demo()
         prompts = read_prompts(args.prompts) if args.prompts else world.prompts
         rewards = _rewards(args.reward) if args.reward else world.rewards
-        return world.base, world.tokenizer, world.bank, prompts, rewards
+        folders = {head: HEADS_DIR / head for head in world.bank.heads}
+        return world.base, world.tokenizer, world.bank, prompts, rewards, folders
     if not (args.heads and args.prompts and args.reward):
         raise ValueError("With --base, give --heads, --prompts and at least one --reward NAME=SPEC "
                          "(or leave --base out to evaluate the offline demo world).")
     base, tokenizer = load_base(args.base)
     bank = ValueBank(args.backbone or args.base)
+    folders = {}
     for head in args.heads:
-        bank.load_head(head)
+        name = bank.load_head(head)
+        if Path(head).is_dir():
+            folders[name] = Path(head)
     prompts = read_prompts(args.prompts)
     if args.chat_template:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
     rewards = _rewards(args.reward, tokenizer)
-    return base, tokenizer, bank, prompts, rewards
+    return base, tokenizer, bank, prompts, rewards, folders
 
 
 def _rewards(specs, tokenizer=None) -> dict:

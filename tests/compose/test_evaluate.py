@@ -9,7 +9,8 @@ import pytest
 from conftest import build_model, build_tokenizer, make_bank
 
 from valuemix.cli import main as cli
-from valuemix.compose.evaluate import EvalConfig, best_of_n_kl, best_of_n_reward, evaluate
+import valuemix as vm
+from valuemix.compose.evaluate import EvalConfig, best_of_n_kl, best_of_n_reward, evaluate, steering
 from valuemix.compose.plots import plot_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,10 +77,68 @@ def test_valuemix_eval_runs_end_to_end_from_the_command_line(tmp_path):
     bank.save_head("concise", tmp_path / "concise")
     (tmp_path / "prompts.txt").write_text("hello world\nthe cat\n")
     code = cli(["eval", "--base", str(folder), "--heads", str(tmp_path / "concise"), "--prompts",
-                str(tmp_path / "prompts.txt"), "--reward", "concise=brevity", "--betas", "2", "--best-of", "4",
-                "--samples-per-prompt", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
-                "--no-progress"])
+                str(tmp_path / "prompts.txt"), "--reward", "concise=brevity", "--betas", "-2", "--betas", "2",
+                "--best-of", "4", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
+                "--record-in-heads", "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert [s["weights"] for s in report["settings"]] == [{"concise": 0.0}, {"concise": 2.0}]
+    assert [s["weights"] for s in report["settings"]] == [{"concise": 0.0}, {"concise": -2.0}, {"concise": 2.0}]
     assert (tmp_path / "eval" / "reward_vs_kl_concise.png").read_bytes().startswith(PNG_MAGIC)
+    # --record-in-heads: the head folder now carries what was measured, in its config and its card
+    summary = report["summary"]["concise"]
+    recorded = json.loads((tmp_path / "concise" / "head_config.json").read_text())["evaluation"]
+    assert recorded["working_beta_range"] == summary["working_beta_range"]
+    assert recorded["sweep"] == summary["sweep"] and [r["beta"] for r in recorded["sweep"]] == [-2.0, 0.0, 2.0]
+    assert (recorded["prompts"], recorded["samples_per_prompt"], recorded["max_new_tokens"]) == (2, 2, 4)
+    card = (tmp_path / "concise" / "README.md").read_text()
+    low, high = summary["working_beta_range"]
+    worked = f"β from {low:g} to {high:g}" if low < high else "none: no measured β moved the reward as asked"
+    assert f"| Coefficient range that worked | {worked}" in card
+    assert "## Evaluation" in card and f"| 2 | {summary['sweep'][2]['reward']:.4g} |" in card
+    reloaded = vm.ValueBank(str(folder))
+    reloaded.load_head(tmp_path / "concise")
+    assert reloaded.configs["concise"].evaluation == recorded
+
+
+def sweep(*points, other=0.0):
+    """Settings of a one-head sweep: (β, reward) pairs, plus a setting where another head is on."""
+    settings = [{"weights": {"h": beta, "g": 0.0}, "rewards": {"h": reward}, "kl": abs(beta)} for beta, reward in points]
+    return settings + [{"weights": {"h": 4.0, "g": 1.0}, "rewards": {"h": 99.0}, "kl": 1.0}]
+
+
+@pytest.mark.parametrize("points, expected", [
+    ([(-4, 0.1), (-2, 0.2), (0, 0.5), (2, 0.6), (4, 0.7), (8, 0.9)], [-4, 8]),  # monotone all the way
+    ([(-2, 0.2), (0, 0.5), (2, 0.9), (4, 0.8), (8, 0.95)], [-2, 2]),  # overshoots after 2: the range stops there
+    ([(-2, 0.6), (0, 0.5), (2, 0.5)], [0, 0]),  # neither direction moved it as asked
+    ([(0, 0.5), (1, 0.6)], [0, 1]),  # no negative β swept
+])
+def test_working_beta_range_stops_where_the_reward_stops_following_beta(points, expected):
+    result = steering(sweep(*points), "h")
+    assert result["working_beta_range"] == expected
+    assert [r["beta"] for r in result["sweep"]] == sorted(b for b, _ in points)  # the two-head setting is left out
+
+
+def test_card_says_the_range_was_not_measured_until_an_evaluation_is_recorded(tmp_path):
+    tok = build_tokenizer()
+    bank = make_bank(tok, heads=("concise",))
+    bank.save_head("concise", tmp_path / "concise")
+    card = (tmp_path / "concise" / "README.md").read_text()
+    assert "| Coefficient range that worked | not measured yet" in card and "## Evaluation" not in card
+
+
+def test_card_states_the_recorded_working_range_and_sweep():
+    from dataclasses import replace
+
+    from valuemix.heads.files import head_card
+    from valuemix.heads.head_config import HeadConfig
+
+    rows = [{"beta": -2.0, "reward": 0.25, "kl": 1.5}, {"beta": 0.0, "reward": 0.5, "kl": 0.0},
+            {"beta": 4.0, "reward": 0.875, "kl": 3.25}]
+    evaluation = {"working_beta_range": [-2.0, 4.0], "sweep": rows, "prompts": 15, "samples_per_prompt": 2,
+                  "max_new_tokens": 32, "top_k": 20, "largest_best_of_n_reached": 16}
+    card = str(head_card(replace(HeadConfig("cheerful"), evaluation=evaluation)))
+    assert "| Coefficient range that worked | β from -2 to 4: the reward rose with β" in card
+    assert "on 15 held-out prompts × 2 completions\nof 32 tokens per β (top-k 20" in card
+    assert "matches Best-of-16 sampling" in card
+    assert "| -2 | 0.25 | 1.5 |\n| 0 | 0.5 | 0 |\n| 4 | 0.875 | 3.25 |" in card
+    assert "{'cheerful': 1.0})  # β from -2 to 4 worked" in card
