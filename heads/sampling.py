@@ -2,7 +2,9 @@
 
 `sample_base` draws completions y ~ π_base(·|x) from the frozen base model once, as a
 `datasets.Dataset` with one row per (prompt, repeat); `score` adds one float column per reward.
-The same samples then train every value head.
+The same samples then train every value head. Under `accelerate launch` the processes share the
+batches out and every process gets the whole dataset; each batch has its own seed, so the samples
+are the same for any number of processes.
 
     samples = sample_base(base, tokenizer, ["Write a haiku"], n_per_prompt=4, max_new_tokens=32)
     samples = score(samples, {"short": lambda prompts, completions: [-len(c) for c in completions]})
@@ -20,7 +22,10 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import datasets
+import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
@@ -57,7 +62,7 @@ _NEUTRAL = dict(num_beams=1, num_return_sequences=1, typical_p=1.0, min_p=0.0, e
 _UNNEUTRAL = ("top_h", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
               "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
               "watermarking_config")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: one seed per batch
 
 
 def model_name(model) -> str:
@@ -142,10 +147,12 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
             logger.info("sample_base: cache hit, loading %s", path)
             return datasets.load_from_disk(path)
 
-    rows = _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings)
+    state = Accelerator()  # one process, or one of `accelerate launch`'s (its settings come from the launcher)
+    rows = _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state)
     dataset = datasets.Dataset.from_list(rows, features=FEATURES)
-    if path is not None:
+    if path is not None and state.is_main_process:
         _save_atomically(dataset, path)
+    state.wait_for_everyone()
     return dataset
 
 
@@ -157,8 +164,11 @@ def eos_ids(base, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings) -> list[dict]:
-    """Sample every (prompt, repeat) pair in left-padded batches; one dict per row."""
+def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state) -> list[dict]:
+    """Sample every (prompt, repeat) pair in left-padded batches; one dict per row, in prompt-major order.
+
+    Batch b is drawn with the seed (seed, b) by process b mod n; the rows are then gathered to all processes.
+    """
     stop_ids = eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id
     bent = [k for k in _UNNEUTRAL if getattr(base.generation_config, k, None) is not None]
@@ -166,11 +176,13 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
         warnings.warn(f"the generation_config of {settings['base_model']} sets {bent}; these bend the base "
                       "distribution and are applied to the samples too")
     pairs = [(i, r) for i in range(len(prompts)) for r in range(n_per_prompt)]
+    starts = list(range(0, len(pairs), batch_size))
     rows = []
     with torch.random.fork_rng(devices=[]), torch.inference_mode(), \
-            tqdm(total=len(pairs), desc="sampling", disable=not progress) as bar:
-        torch.manual_seed(settings["seed"])
-        for start in range(0, len(pairs), batch_size):
+            tqdm(total=len(pairs), desc="sampling", disable=not (progress and state.is_main_process)) as bar:
+        for b in range(state.process_index, len(starts), state.num_processes):
+            start = starts[b]
+            torch.manual_seed(int(np.random.SeedSequence([settings["seed"], b]).generate_state(1)[0]))
             batch = [encoded[i] for i, _ in pairs[start:start + batch_size]]
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=base.device)
@@ -182,16 +194,17 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
                 top_k=settings["top_k"], top_p=settings["top_p"], pad_token_id=pad,
                 eos_token_id=stop_ids or None, **_NEUTRAL,
             )
-            for (i, _), generated in zip(pairs[start:start + batch_size], out[:, width:].tolist()):
+            for position, generated in enumerate(out[:, width:].tolist(), start):
+                i = pairs[position][0]
                 ends = [t for t, token in enumerate(generated) if token in stop_ids]
                 completion_ids = generated[:ends[0] + 1] if ends else generated
-                rows.append(dict(
+                rows.append((position, dict(
                     prompt=prompts[i], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
                     prompt_ids=encoded[i], completion_ids=completion_ids, finished=bool(ends), prompt_index=i,
                     **settings,
-                ))
-            bar.update(len(batch))
-    return rows
+                )))
+            bar.update(len(batch) * state.num_processes)
+    return [row for _, row in sorted(gather_object(rows), key=lambda item: item[0])]
 
 
 def _save_atomically(dataset: datasets.Dataset, path: str) -> None:

@@ -6,6 +6,10 @@ before the end):
     G_T = r,        G_t = (1 − λ) V(s_{t+1}) + λ G_{t+1}        (t < T)
 λ = 1 gives Monte Carlo (G_t = r); λ = 0 gives one-step TD. Loss: ½ · MSE over completion states.
 Only the head's LoRA matrices and value layer are trained; the backbone and other heads stay bit-identical.
+
+Data-parallel with accelerate: under `accelerate launch` each process takes its share of every batch,
+the head's gradients are summed across processes (they are a few MB), and every process takes the
+same optimiser step, so 1 or N processes, with or without gradient accumulation, fit the same head.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .atomic import atomic_directory
 from .bank import ValueBank
@@ -35,7 +42,13 @@ class TrainConfig:
     Attributes:
         lam: TD(λ) λ in [0, 1]; 1.0 is Monte Carlo regression onto the final reward.
         epochs: passes over the samples.
-        batch_size: samples per optimisation step.
+        batch_size: samples per optimisation step, over all processes and accumulation steps together.
+        gradient_accumulation_steps: split each process's share of a batch into this many forward/backward
+            passes before the step (less activation memory, the same result).
+        gradient_checkpointing: recompute the backbone's activations in the backward pass (less memory,
+            about a third more compute, the same result).
+        mixed_precision: "no", "bf16" or "fp16" autocast for the backbone's forward; None keeps what
+            `accelerate launch`/`accelerate config` set (default "no"). The head's weights stay float32.
         learning_rate: AdamW learning rate of the LoRA matrices.
         value_learning_rate: AdamW learning rate of the scalar value layer.
         weight_decay: AdamW weight decay.
@@ -53,6 +66,9 @@ class TrainConfig:
     lam: float = 0.95
     epochs: int = 2
     batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None
     learning_rate: float = 3e-4
     value_learning_rate: float = 3e-3
     weight_decay: float = 0.0
@@ -69,8 +85,11 @@ class TrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1] (got {self.lam}); 0.95 is the usual choice, 1.0 is Monte Carlo.")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be at least 1 (got {self.epochs}, {self.batch_size}).")
+        if self.epochs < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError(f"epochs, batch_size and gradient_accumulation_steps must be at least 1 (got "
+                             f"{self.epochs}, {self.batch_size}, {self.gradient_accumulation_steps}).")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16' (got {self.mixed_precision!r}).")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed to.")
 
@@ -95,14 +114,17 @@ def td_targets(values: torch.Tensor, rewards: torch.Tensor, states: torch.Tensor
 
 
 def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainConfig | None = None,
-               description: str | None = None) -> dict:
+               description: str | None = None, accelerator: Accelerator | None = None) -> dict:
     """Fit head `name` to the values of reward column `reward` of `samples` by TD(λ) regression.
 
     samples: a `datasets.Dataset` from `sample_base` + `score` (prompt_ids, completion_ids, reward column).
-    Returns the training metrics (also stored in the head's config): loss per logged step, final
-    loss, steps, seconds and states per second.
+    accelerator: the `accelerate.Accelerator` to train with (default: one made from `config`); under
+    `accelerate launch` every process calls train_head on the same samples and only the main process
+    should save the head. Returns the training metrics (also stored in the head's config): loss per
+    logged step, final loss, steps, seconds and states per second.
     """
     config = config or TrainConfig()
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     bank.check_heads([name])
     rewards, prompt_ids, completion_ids = _checked_data(bank, samples, reward)
     mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
@@ -110,9 +132,9 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
 
     params = bank.head_parameters(name)
     lora = params[:-2]
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": config.learning_rate},
-                                   {"params": params[-2:], "lr": config.value_learning_rate}],
-                                  weight_decay=config.weight_decay)
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(
+        [{"params": lora, "lr": config.learning_rate}, {"params": params[-2:], "lr": config.value_learning_rate}],
+        weight_decay=config.weight_decay))  # prepared: fp16 loss scaling
     steps_per_epoch = math.ceil(len(targets) / config.batch_size)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -122,8 +144,9 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
         state = _restore(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
 
     start = time.perf_counter() - state["seconds"]
-    bar = tqdm(total=total, initial=state["step"], desc=f"train {name}", disable=not config.progress)
-    with bank.lock:
+    bar = tqdm(total=total, initial=state["step"], desc=f"train {name}",
+               disable=not (config.progress and accelerator.is_main_process))
+    with bank.lock, _checkpointing(bank, config.gradient_checkpointing):
         bank.model.set_adapter(name)
         for p in params:
             p.requires_grad_(True)
@@ -137,8 +160,8 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
                     if step >= total:
                         break
                     rows = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size].tolist()
-                    loss, n_states = _step(bank, name, optimizer, params, config, rows, prompt_ids,
-                                           completion_ids, targets)
+                    loss, n_states = _step(bank, name, optimizer, params, config, accelerator, rows,
+                                           prompt_ids, completion_ids, targets)
                     state["step"] = step + 1
                     state["states"] += n_states
                     state["history"].append({"step": step + 1, "epoch": epoch, "loss": loss})
@@ -146,14 +169,15 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if config.checkpoint_dir and state["step"] % config.checkpoint_every == 0:
                         state["seconds"] = time.perf_counter() - start
-                        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
+                        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state,
+                                    accelerator)
         finally:
             for p in params:
                 p.requires_grad_(False)
             bar.close()
     state["seconds"] = time.perf_counter() - start
     if config.checkpoint_dir:
-        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state)
+        _checkpoint(bank, name, optimizer, Path(config.checkpoint_dir), len(targets), state, accelerator)
 
     last = state["history"][-steps_per_epoch:]
     metrics = {"final_loss": sum(h["loss"] for h in last) / max(len(last), 1), "steps": state["step"],
@@ -168,21 +192,71 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     return metrics
 
 
-def _step(bank, name, optimizer, params, config, rows, prompt_ids, completion_ids, targets):
-    """One optimisation step on samples `rows`; returns (loss, number of states)."""
-    input_ids, attention_mask, states = _collate([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
-                                                 config.max_length, bank.tokenizer.pad_token_id or 0)
-    input_ids, attention_mask, states = (t.to(bank.device) for t in (input_ids, attention_mask, states))
-    hidden = bank.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    values = bank.project(hidden[None], [name])[0]  # (batch, seq)
-    returns = td_targets(values.detach(), targets[rows].to(values), states, config.lam)
-    loss = 0.5 * ((values - returns) ** 2 * states).sum() / states.sum()  # ½·MSE over completion states
+def _step(bank, name, optimizer, params, config, accelerator, rows, prompt_ids, completion_ids, targets):
+    """One optimisation step on the batch `rows`; returns (loss, number of states), both over all processes.
+
+    Each process takes every n-th row and splits them into `gradient_accumulation_steps` passes; the
+    loss is ½ · the sum of squared errors / the batch's state count, so the summed gradients are
+    exactly those of the whole batch in one pass.
+    """
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    size = max(1, math.ceil(len(mine) / config.gradient_accumulation_steps))
+    parts = [mine[i:i + size] for i in range(0, len(mine), size)]
+    pad_id = bank.tokenizer.pad_token_id or 0
+    batches = [_collate([prompt_ids[i] for i in part], [completion_ids[i] for i in part], config.max_length, pad_id)
+               for part in parts]
+    n_states = accelerator.reduce(torch.tensor(sum(int(b[2].sum()) for b in batches), device=bank.device), "sum")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    squared_sum = torch.zeros((), device=bank.device)
+    for part, batch in zip(parts, batches):
+        input_ids, attention_mask, states = (t.to(bank.device) for t in batch)
+        with accelerator.autocast():
+            hidden = bank.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            values = bank.project(hidden[None], [name])[0].float()  # (batch, seq)
+        returns = td_targets(values.detach(), targets[part].to(values), states, config.lam)
+        squared = 0.5 * ((values - returns) ** 2 * states).sum()
+        accelerator.backward(squared / n_states)
+        squared_sum += squared.detach()
+    _sum_gradients(params, accelerator)
     if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
-    return loss.item(), int(states.sum())
+    return (accelerator.reduce(squared_sum, "sum") / n_states).item(), int(n_states)
+
+
+def _sum_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Sum the head's gradients over processes in one all-reduce (a process without rows adds zeros)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+@contextmanager
+def _checkpointing(bank: ValueBank, enabled: bool):
+    """transformers' gradient checkpointing on the backbone's layers, for the duration of training.
+
+    The backbone stays in eval mode (no dropout, as at decode time): only the layers' own `training`
+    flag, which transformers checks before checkpointing, is set.
+    """
+    layers = [m for m in bank.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not enabled:
+        yield
+        return
+    if not layers:
+        raise ValueError(f"The backbone {bank.backbone_id} does not support gradient checkpointing in transformers; "
+                         "train without gradient_checkpointing.")
+    bank.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+        bank.decoder.activation_checkpointing_disable()
 
 
 def _collate(prompts: list[list[int]], completions: list[list[int]], max_length: int, pad_id: int):
@@ -238,8 +312,14 @@ def _reward_stats(rewards: torch.Tensor) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ checkpoints
-def _checkpoint(bank, name, optimizer, directory: Path, data_size: int, state: dict) -> None:
-    """Write head weights, optimiser state and progress atomically (safetensors + JSON, no pickle)."""
+def _checkpoint(bank, name, optimizer, directory: Path, data_size: int, state: dict, accelerator) -> None:
+    """Write head weights, optimiser state and progress atomically (safetensors + JSON, no pickle).
+
+    Every process holds the same head and optimiser; the main process writes, the others wait for it.
+    """
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
     opt = optimizer.state_dict()
     tensors = {f"{pid}.{key}": value for pid, s in opt["state"].items() for key, value in s.items()}
     with atomic_directory(directory) as folder:
@@ -248,6 +328,7 @@ def _checkpoint(bank, name, optimizer, directory: Path, data_size: int, state: d
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"head": name, "data_size": data_size, "param_groups": opt["param_groups"], **state}, indent=1))
+    accelerator.wait_for_everyone()
 
 
 def _restore(bank, name, optimizer, directory: Path, data_size: int, fresh: dict) -> dict:

@@ -1,0 +1,108 @@
+"""Training that scales: data-parallel sampling and training under `accelerate launch`, gradient
+accumulation and gradient checkpointing all fit the same head as one plain process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import build_model, build_tokenizer, make_bank
+from safetensors.torch import load_file
+
+import valuemix as vm
+from valuemix.heads.training import TrainConfig, train_head
+
+SCRIPT = Path(__file__).with_name("dp_train_script.py")
+HEAD_FILES = ("adapter_model.safetensors", "value_head.safetensors")
+
+
+def launch(out: Path, processes: int, accumulation: int = 1) -> dict:
+    """`accelerate launch --cpu` of the script; returns its metrics. Multi-CPU runs go through mpirun (Open MPI)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        hostfile = out.with_suffix(".hosts")
+        hostfile.write_text(f"localhost slots={processes}\n")
+        command += ["--mpirun_hostfile", str(hostfile)]
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command + [str(SCRIPT), str(out), str(accumulation)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="accelerate launches several CPU processes through mpirun: apt-get install openmpi-bin")
+def test_two_processes_sample_and_train_the_same_head_as_one(tmp_path):
+    one = launch(tmp_path / "one", processes=1)
+    two = launch(tmp_path / "two", processes=2, accumulation=2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    samples = [datasets.load_from_disk(str(tmp_path / run / "samples")) for run in ("one", "two")]
+    assert samples[0].to_list() == samples[1].to_list()  # each batch has its own seed, wherever it is drawn
+    assert one["steps"] == two["steps"] == 8
+    assert two["loss_history"] == pytest.approx(one["loss_history"], rel=1e-5)
+    for name in HEAD_FILES:
+        a, b = (load_file(str(tmp_path / run / "head" / name)) for run in ("one", "two"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        assert any(a[k].abs().sum() > 0 for k in a)  # the head did train
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def samples(tok):
+    base = build_model("llama", len(tok), seed=0)
+    data = vm.sample_base(base, tok, ["hello world", "the cat sat", "a happy day", "one two three"], n_per_prompt=4,
+                          max_new_tokens=8, seed=0, progress=False)
+    return vm.score(data, {"vowels": lambda p, c: [sum(ch in "aeiou" for ch in x) / max(len(x), 1) for x in c]},
+                    progress=False)
+
+
+def trained(tok, samples, **settings):
+    bank = make_bank(tok, heads=("vowels",))
+    metrics = train_head(bank, "vowels", samples, reward="vowels",
+                         config=TrainConfig(epochs=2, batch_size=6, progress=False, **settings))
+    return bank, metrics
+
+
+@pytest.mark.parametrize("accumulation", [2, 3, 6])
+def test_gradient_accumulation_fits_the_same_head(tok, samples, accumulation):
+    plain, plain_metrics = trained(tok, samples)
+    split, split_metrics = trained(tok, samples, gradient_accumulation_steps=accumulation)
+    assert split_metrics["loss_history"] == pytest.approx(plain_metrics["loss_history"], rel=1e-5)
+    for key, value in plain.head_state("vowels").items():
+        torch.testing.assert_close(split.head_state("vowels")[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_fits_the_same_head(tok, samples):
+    calls, banks = {}, {}
+    for checkpointing in (False, True):
+        bank = make_bank(tok, heads=("vowels",))  # the same seed: the same starting head
+        mlp, layer_calls = bank.decoder.layers[0].mlp, []
+        forward = mlp.forward  # counted on the instance: forward hooks do not fire when checkpointing recomputes
+        mlp.forward = lambda *args, **kwargs: layer_calls.append(1) or forward(*args, **kwargs)
+        train_head(bank, "vowels", samples, reward="vowels", config=TrainConfig(
+            batch_size=6, max_steps=2, gradient_checkpointing=checkpointing, progress=False))
+        del mlp.forward
+        calls[checkpointing], banks[checkpointing] = len(layer_calls), bank
+    assert calls[True] == 2 * calls[False] > 0  # every layer runs again in the backward pass
+    for key, value in banks[False].head_state("vowels").items():
+        torch.testing.assert_close(banks[True].head_state("vowels")[key], value, rtol=1e-5, atol=1e-7)
+    assert not banks[True].decoder.is_activation_checkpointing and not banks[True].decoder.layers[0].training
+
+
+def test_bad_scaling_settings_are_refused():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be at least 1"):
+        TrainConfig(gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="mixed_precision must be 'no', 'bf16' or 'fp16' \\(got 'fp8'\\)"):
+        TrainConfig(mixed_precision="fp8")
