@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from .fingerprint import describe_tokenizer, tokenizer_fingerprint
 from .head_config import HeadConfig
+from .memory import check_fits, quantization_config
 
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -43,17 +44,20 @@ class ValueBank:
             A model object is copied, so the object passed in (e.g. the base model itself) is never changed.
         tokenizer: the backbone's tokenizer; loaded from `backbone` when it is a path or an id.
         revision: Hub revision of `backbone`.
-        dtype: dtype to load the backbone in (default: float32).
+        dtype: dtype to load the backbone in (default: float32; bfloat16 halves the memory).
+        device: device to put the backbone on.
+        quantization: "8bit" or "4bit" to load the backbone quantized with bitsandbytes (an extra:
+            `pip install 'valuemix[quant]'`); the heads' LoRA matrices and value layers stay in full precision.
     """
 
     def __init__(self, backbone, tokenizer=None, *, revision: str | None = None, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, quantization: str | None = None):
         if isinstance(backbone, nn.Module):
             decoder = copy.deepcopy(backbone.base_model if isinstance(backbone, PreTrainedModel) else backbone)
             source = getattr(decoder.config, "_name_or_path", "") or type(backbone).__name__
         else:
             source = str(backbone)
-            decoder = load_decoder(source, revision=revision, dtype=dtype)
+            decoder = load_decoder(source, revision=revision, dtype=dtype, device=device, quantization=quantization)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         if tokenizer is None:
@@ -62,7 +66,7 @@ class ValueBank:
         decoder.name_or_path = source  # peft records it as the adapter's base model
         if decoder.config._attn_implementation not in ("eager", "sdpa"):
             decoder.set_attn_implementation("sdpa")  # candidate scoring uses custom 4D masks
-        if device is not None:
+        if device is not None and not quantization:
             decoder.to(device)
         self.decoder = decoder.eval().requires_grad_(False)
         self.model: nn.Module = self.decoder  # becomes a PeftModel with the first head
@@ -70,7 +74,7 @@ class ValueBank:
         self.backbone_id = source
         self.backbone_revision = revision or getattr(decoder.config, "_commit_hash", None)
         self.fingerprint = tokenizer_fingerprint(tokenizer)
-        self.probe = backbone_probe(decoder)
+        self.probe = [] if quantization else backbone_probe(decoder)  # quantized weights cannot be compared
         self.value_layers = nn.ModuleDict()
         self.configs: dict[str, HeadConfig] = {}
         self.lock = threading.RLock()  # peft's adapter routing is module state: one forward at a time
@@ -227,11 +231,19 @@ class ValueBank:
         return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"
 
 
-def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a model's decoder without its LM head (safetensors only, no remote code)."""
+def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, quantization: str | None = None) -> PreTrainedModel:
+    """Load a model's decoder without its LM head (safetensors only, no remote code).
+
+    Checks first that its weights fit in the device's free memory (MemoryError saying what to do).
+    """
+    quantized = quantization_config(quantization)
     try:
+        check_fits(source, dtype, device or ("cuda" if quantized else "cpu"), quantization, revision=revision,
+                   what="The value backbone")
         return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32,
-                                         use_safetensors=True, attn_implementation="sdpa")
+                                         use_safetensors=True, attn_implementation="sdpa", quantization_config=quantized,
+                                         device_map={"": device or "cuda"} if quantized else None)
     except OSError as err:
         raise OSError(f"Could not load the value backbone {source!r}: {err}\nPass a local folder, or a Hub id that "
                       "is reachable or already in the Hugging Face cache.") from err

@@ -233,6 +233,8 @@ def check_head_fits(bank, config: HeadConfig) -> None:
             f"(backbone {config.backbone}) but the bank's tokenizer is {bank.fingerprint} (backbone "
             f"{bank.backbone_id}); load it on a bank of ValueBank('{config.backbone}').")
     head_probe, bank_probe = list(config.backbone_probe), list(bank.probe)
+    if not head_probe or not bank_probe:
+        return  # a quantized backbone: its weights cannot be compared, the tokenizer check above stands
     if len(head_probe) != len(bank_probe) or not np.allclose(head_probe, bank_probe, rtol=PROBE_RTOL,
                                                              atol=PROBE_ATOL):
         raise ValueError(

@@ -176,11 +176,11 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def load_model(model, auto_class=AutoModel, tokenizer=None, device: str = "cpu"):
+def load_model(model, auto_class=AutoModel, tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None):
     """`(model, tokenizer)` in eval mode on `device`, from a folder, a Hub id, a pair, or a model + `tokenizer`.
 
-    Folders and Hub ids are loaded with `auto_class.from_pretrained(..., use_safetensors=True)`
-    (never with remote code) and `AutoTokenizer`; Hub ids come from the local cache when
+    Folders and Hub ids are loaded in `dtype` (default float32) with `auto_class.from_pretrained(...,
+    use_safetensors=True)` (never with remote code) and `AutoTokenizer`; Hub ids come from the local cache when
     `HF_HUB_OFFLINE=1`. Raises `ModelNotFoundError` saying what to do when the model is missing.
     """
     if isinstance(model, tuple):
@@ -194,7 +194,7 @@ def load_model(model, auto_class=AutoModel, tokenizer=None, device: str = "cpu")
             )
         try:
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
-            model = auto_class.from_pretrained(name, use_safetensors=True)
+            model = auto_class.from_pretrained(name, use_safetensors=True, dtype=dtype or torch.float32)
         except OSError as err:
             if os.path.isdir(name) or _in_hub_cache(name):
                 raise  # found, but broken (e.g. no safetensors weights): transformers says why

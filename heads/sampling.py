@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
 from .fingerprint import describe_tokenizer, tokenizer_fingerprint
+from .memory import explain_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ _NEUTRAL = dict(num_beams=1, num_return_sequences=1, typical_p=1.0, min_p=0.0, e
 _UNNEUTRAL = ("top_h", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
               "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
               "watermarking_config")
+SAMPLING_ADVICE = "lower batch_size or max_new_tokens, or load the base model in bfloat16"
 _CACHE_FORMAT = 2  # 2: one seed per batch
 
 
@@ -188,12 +190,13 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=base.device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch],
                                           device=base.device)
-            out = base.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                top_k=settings["top_k"], top_p=settings["top_p"], pad_token_id=pad,
-                eos_token_id=stop_ids or None, **_NEUTRAL,
-            )
+            with explain_out_of_memory(f"Sampling the base (batch_size {batch_size})", SAMPLING_ADVICE):
+                out = base.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                    max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                    top_k=settings["top_k"], top_p=settings["top_p"], pad_token_id=pad,
+                    eos_token_id=stop_ids or None, **_NEUTRAL,
+                )
             for position, generated in enumerate(out[:, width:].tolist(), start):
                 i = pairs[position][0]
                 ends = [t for t, token in enumerate(generated) if token in stop_ids]

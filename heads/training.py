@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .atomic import atomic_directory
 from .bank import ValueBank
+from .memory import explain_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,9 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
                     if step >= total:
                         break
                     rows = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size].tolist()
-                    loss, n_states = _step(bank, name, optimizer, params, config, accelerator, rows,
-                                           prompt_ids, completion_ids, targets)
+                    with explain_out_of_memory(f"Training head '{name}' (batch_size {config.batch_size})"):
+                        loss, n_states = _step(bank, name, optimizer, params, config, accelerator, rows,
+                                               prompt_ids, completion_ids, targets)
                     state["step"] = step + 1
                     state["states"] += n_states
                     state["history"].append({"step": step + 1, "epoch": epoch, "loss": loss})

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from .options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("8bit", "4bit")  # heads.memory.QUANTIZATIONS, without importing torch for --help
 REWARDS_FILE = "valuemix_rewards.json"  # beside a scored dataset: what each reward column measures
 
 
@@ -146,14 +147,21 @@ def _no_prompts(path):
 
 
 def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
-    """(causal LM, tokenizer) from a folder or Hub id, safetensors only; a missing pad token becomes EOS."""
+    """(causal LM, tokenizer) from a folder or Hub id, safetensors only; a missing pad token becomes EOS.
+
+    Refuses, before loading, a model whose weights do not fit in the device's free memory.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .heads.memory import check_fits
     from .heads.rewards import load_model
 
-    model, tokenizer = load_model(source, AutoModelForCausalLM, device=device)
-    model = model.to(getattr(torch, dtype))
+    try:
+        check_fits(source, getattr(torch, dtype), device, what="The base model")
+    except OSError:
+        pass  # not found: load_model says what to do
+    model, tokenizer = load_model(source, AutoModelForCausalLM, device=device, dtype=getattr(torch, dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         print(f"note: {source} has no pad token; using its EOS token {tokenizer.eos_token!r} for padding",
@@ -272,6 +280,7 @@ class TrainArgs:
         lora_alpha: LoRA alpha (scale = alpha / r).
         device: device to train on.
         dtype: dtype of the backbone (the head's value layer stays float32).
+        quantization: load the backbone in 8-bit or 4-bit with bitsandbytes (pip install 'valuemix[quant]').
     """
 
     backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
@@ -284,6 +293,7 @@ class TrainArgs:
     lora_alpha: int = 32
     device: str = "cpu"
     dtype: str = field(default="float32", metadata={"choices": DTYPES})
+    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS})
 
 
 def make_train_parser():
@@ -317,7 +327,8 @@ def train_main(argv=None) -> str:
                          f"{', '.join(scored) or 'none (add one with valuemix score)'}.")
     name = args.name or args.reward
     description = args.description or described.get(args.reward, {}).get("description") or args.reward
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device)
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+                     quantization=args.quantization)
     bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha})
     metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description)
     out = bank.save_head(name, args.out)

@@ -4,6 +4,7 @@ accumulation and gradient checkpointing all fit the same head as one plain proce
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,18 @@ def launch(out: Path, processes: int, accumulation: int = 1) -> dict:
     if processes > 1:
         hostfile = out.with_suffix(".hosts")
         hostfile.write_text(f"localhost slots={processes}\n")
-        command += ["--mpirun_hostfile", str(hostfile)]
+        command += ["--mpirun_hostfile", str(hostfile), "--main_process_port", str(free_port())]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command + [str(SCRIPT), str(out), str(accumulation)], env=env, capture_output=True,
                           text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return json.loads((out / "metrics.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None,
