@@ -94,15 +94,21 @@ class ValueBank:
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
-    def add_head(self, name: str, lora: LoraConfig | dict | None = None, **metadata) -> HeadConfig:
-        """Add a new head: a LoRA adapter (default r=16 on all linear layers) and a zero value layer."""
+    def add_head(self, name: str, lora: LoraConfig | dict | None = None, seed: int | None = None,
+                 **metadata) -> HeadConfig:
+        """Add a new head: a LoRA adapter (default r=16 on all linear layers) and a zero value layer.
+
+        seed: seed of the adapter's random initialisation (default: torch's global random state).
+        """
         if name in self.value_layers:
             raise ValueError(f"Head '{name}' is already on the bank; remove_head('{name}') first or pick another name.")
         if not name or name == "__base__" or not name.replace("-", "_").isidentifier():
             raise ValueError(f"Head name {name!r} is not valid: use letters, digits, '_' or '-' (e.g. 'helpful').")
         lora_config = lora if isinstance(lora, LoraConfig) else LoraConfig(**{**DEFAULT_LORA, **(lora or {})})
         lora_config.base_model_name_or_path = self.backbone_id
-        with self.lock:
+        with self.lock, torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
             if isinstance(self.model, PeftModel):
                 self.model.add_adapter(name, lora_config)
             else:

@@ -56,7 +56,7 @@ class TrainConfig:
         max_grad_norm: gradient clipping (0 disables it).
         max_length: longest prompt + completion in tokens; longer ones lose prompt tokens on the left.
         normalize_rewards: train on (r − mean) / std so that β means the same for every head.
-        seed: seed of the sample order.
+        seed: seed of the sample order (and, in `valuemix train`, of the adapter's initialisation).
         max_steps: stop after this many optimisation steps in total (None: run every epoch).
         checkpoint_dir: folder for checkpoints (head, optimiser and progress, safetensors + JSON).
         checkpoint_every: steps between checkpoints (one is also written at the end).

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     command = load(argv[0])
     try:
         command.main(argv[1:])
+        end_processes()
     except USER_ERRORS as err:
         if os.environ.get("VALUEMIX_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
             raise
@@ -55,6 +56,14 @@ def main(argv=None) -> int:
         print(f"valuemix {argv[0]}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def end_processes() -> None:
+    """Under `accelerate launch`: wait for every process, then close the process group, so all exit cleanly."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class SampleArgs:
         seed: random seed; the same settings and seed give the same samples.
         chat_template: wrap each prompt as a user message with the tokenizer's chat template.
         batch_size: rows generated together.
-        device: device to run the base model on (cpu, cuda, mps, ...).
+        device: device to run the base model on (cpu, cuda, mps, ...); auto: this process's device under
+            `accelerate launch` (one GPU each), else the first GPU, else the CPU.
         dtype: dtype to run the base model in.
         progress: show a progress bar.
     """
@@ -68,7 +69,7 @@ class SampleArgs:
     seed: int = 0
     chat_template: bool = False
     batch_size: int = 16
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = field(default="float32", metadata={"choices": DTYPES})
     progress: bool = True
 
@@ -88,16 +89,32 @@ def sample_main(argv=None) -> str:
     args = fill_dataclass(SampleArgs, parse_args(parser, argv, "sample"))
     prompts = read_prompts(args.prompts)
     args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
-    base, tokenizer = load_base(args.base, args.device, args.dtype)
+    base, tokenizer = load_base(args.base, resolve_device(args.device), args.dtype)
     samples = sample_base(base, tokenizer, prompts, n_per_prompt=args.n_per_prompt,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                           chat_template=args.chat_template, progress=args.progress)
+    if not is_main_process():  # under `accelerate launch` every process has the samples; one saves them
+        return os.path.abspath(args.out)
     out = save_dataset(samples, args.out)
     finished = sum(samples["finished"])
     print(f"Saved {len(samples)} samples ({len(prompts)} prompts x {args.n_per_prompt}; {finished} ended with EOS) "
           f"from {args.base} to {out}")
     return out
+
+
+def resolve_device(device: str) -> str:
+    """"auto" → accelerate's device for this process (its own GPU under `accelerate launch`); others unchanged."""
+    from accelerate import Accelerator
+
+    return str(Accelerator().device) if device == "auto" else device
+
+
+def is_main_process() -> bool:
+    """False on the other processes of `accelerate launch` (they compute but do not write)."""
+    from accelerate import Accelerator
+
+    return Accelerator().is_main_process
 
 
 def _absolute_if_folder(source: str) -> str:
@@ -278,7 +295,8 @@ class TrainArgs:
         description: what the head values, in words, for its card (default: the reward's description from `valuemix score`).
         lora_r: LoRA rank of the head's adapter.
         lora_alpha: LoRA alpha (scale = alpha / r).
-        device: device to train on.
+        device: device to train on; auto: this process's device under `accelerate launch`, else the first
+            GPU, else the CPU.
         dtype: dtype of the backbone (the head's value layer stays float32).
         quantization: load the backbone in 8-bit or 4-bit with bitsandbytes (pip install 'valuemix[quant]').
     """
@@ -291,7 +309,7 @@ class TrainArgs:
     description: str | None = field(default=None, metadata={"metavar": "TEXT"})
     lora_r: int = 16
     lora_alpha: int = 32
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = field(default="float32", metadata={"choices": DTYPES})
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS})
 
@@ -327,10 +345,13 @@ def train_main(argv=None) -> str:
                          f"{', '.join(scored) or 'none (add one with valuemix score)'}.")
     name = args.name or args.reward
     description = args.description or described.get(args.reward, {}).get("description") or args.reward
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype),
+                     device=resolve_device(args.device),
                      quantization=args.quantization)
-    bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha})
+    bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha}, seed=config.seed)
     metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description)
+    if not is_main_process():  # every process holds the same head; one saves it
+        return os.path.abspath(args.out)
     out = bank.save_head(name, args.out)
     print(f"Trained head '{name}' ({description}) on {len(samples)} samples: final loss {metrics['final_loss']:.4g} "
           f"after {metrics['steps']} steps ({metrics['seconds']:.1f} s). Saved to {out}")

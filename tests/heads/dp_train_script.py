@@ -40,6 +40,8 @@ def main(out: Path, accumulation: int) -> None:
         samples.save_to_disk(str(out / "samples"))
         bank.save_head("vowels", out / "head")
         (out / "metrics.json").write_text(json.dumps({**metrics, "processes": state.num_processes}))
+    state.wait_for_everyone()
+    state.end_training()  # closes the process group, so no process exits while another still uses it
 
 
 if __name__ == "__main__":

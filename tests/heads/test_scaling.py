@@ -16,24 +16,28 @@ from conftest import build_model, build_tokenizer, make_bank
 from safetensors.torch import load_file
 
 import valuemix as vm
+from valuemix.cli import main as cli
 from valuemix.heads.training import TrainConfig, train_head
 
 SCRIPT = Path(__file__).with_name("dp_train_script.py")
 HEAD_FILES = ("adapter_model.safetensors", "value_head.safetensors")
 
 
-def launch(out: Path, processes: int, accumulation: int = 1) -> dict:
-    """`accelerate launch --cpu` of the script; returns its metrics. Multi-CPU runs go through mpirun (Open MPI)."""
+def accelerate_launch(processes: int, hostfile: Path, *program: str) -> None:
+    """`accelerate launch --cpu` of a script or `-m module`; several CPU processes go through mpirun (Open MPI)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
-        hostfile = out.with_suffix(".hosts")
         hostfile.write_text(f"localhost slots={processes}\n")
         command += ["--mpirun_hostfile", str(hostfile), "--main_process_port", str(free_port())]
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command + [str(SCRIPT), str(out), str(accumulation)], env=env, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(command + list(program), env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def launch(out: Path, processes: int, accumulation: int = 1) -> dict:
+    """The sample-and-train script under `accelerate launch`; returns its metrics."""
+    accelerate_launch(processes, out.with_suffix(".hosts"), str(SCRIPT), str(out), str(accumulation))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -43,8 +47,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None,
-                    reason="accelerate launches several CPU processes through mpirun: apt-get install openmpi-bin")
+needs_mpirun = pytest.mark.skipif(
+    shutil.which("mpirun") is None,
+    reason="accelerate launches several CPU processes through mpirun: apt-get install openmpi-bin")
+
+
+@needs_mpirun
 def test_two_processes_sample_and_train_the_same_head_as_one(tmp_path):
     one = launch(tmp_path / "one", processes=1)
     two = launch(tmp_path / "two", processes=2, accumulation=2)
@@ -59,6 +67,25 @@ def test_two_processes_sample_and_train_the_same_head_as_one(tmp_path):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
         assert any(a[k].abs().sum() > 0 for k in a)  # the head did train
+
+
+@needs_mpirun
+def test_valuemix_train_under_two_processes_saves_the_head_of_one(tiny_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nthe cat sat\na happy day\n")
+    samples = tmp_path / "samples"
+    assert cli(["sample", "--base", tiny_folder, "--prompts", str(prompts), "--n-per-prompt", "2",
+                "--max-new-tokens", "6", "--out", str(samples), "--no-progress"]) == 0
+    assert cli(["score", "--samples", str(samples), "--reward", "short=brevity", "--no-progress"]) == 0
+    train = ["train", "--backbone", tiny_folder, "--samples", str(samples), "--reward", "short", "--batch-size", "4",
+             "--epochs", "2", "--no-progress"]
+    assert cli(train + ["--out", str(tmp_path / "one")]) == 0
+    accelerate_launch(2, tmp_path / "hosts", "-m", "valuemix.cli", *train, "--out", str(tmp_path / "two"))
+    for name in HEAD_FILES:
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("one", "two"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("one", "two"))) == ["one", "two"]
 
 
 @pytest.fixture(scope="module")
