@@ -23,10 +23,10 @@ SCRIPT = Path(__file__).with_name("dp_train_script.py")
 HEAD_FILES = ("adapter_model.safetensors", "value_head.safetensors")
 
 
-def accelerate_launch(processes: int, hostfile: Path, *program: str) -> None:
+def accelerate_launch(processes: int, hostfile: Path, *program: str, precision: str = "no") -> None:
     """`accelerate launch --cpu` of a script or `-m module`; several CPU processes go through mpirun (Open MPI)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     if processes > 1:
         hostfile.write_text(f"localhost slots={processes}\n")
         command += ["--mpirun_hostfile", str(hostfile), "--main_process_port", str(free_port())]
@@ -35,9 +35,10 @@ def accelerate_launch(processes: int, hostfile: Path, *program: str) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 
-def launch(out: Path, processes: int, accumulation: int = 1) -> dict:
+def launch(out: Path, processes: int, accumulation: int = 1, precision: str = "no") -> dict:
     """The sample-and-train script under `accelerate launch`; returns its metrics."""
-    accelerate_launch(processes, out.with_suffix(".hosts"), str(SCRIPT), str(out), str(accumulation))
+    accelerate_launch(processes, out.with_suffix(".hosts"), str(SCRIPT), str(out), str(accumulation),
+                      precision=precision)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -67,6 +68,15 @@ def test_two_processes_sample_and_train_the_same_head_as_one(tmp_path):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
         assert any(a[k].abs().sum() > 0 for k in a)  # the head did train
+
+
+def test_bf16_mixed_precision_from_the_launcher_trains_close_to_float32(tmp_path):
+    full = launch(tmp_path / "fp32", processes=1)
+    mixed = launch(tmp_path / "bf16", processes=1, precision="bf16")
+    assert mixed["loss_history"] != full["loss_history"]  # bf16 autocast did run...
+    assert mixed["loss_history"] == pytest.approx(full["loss_history"], rel=0.05, abs=0.01)  # ...and fits the same
+    value = load_file(str(tmp_path / "bf16" / "head" / "value_head.safetensors"))
+    assert value["weight"].dtype == torch.float32  # the head's weights stay float32
 
 
 @needs_mpirun
