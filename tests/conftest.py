@@ -27,6 +27,22 @@ def tiny_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
+def vowel_share(prompts, completions):
+    """Share of the completion's characters that are vowels: a dense rule reward."""
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(scope="session")
+def vowel_samples(tokenizer):
+    """Samples of a tiny llama (seed 0) on six prompts, four each, scored with `vowel_share` as "vowels"."""
+    import valuemix as vm
+
+    base = build_model("llama", len(tokenizer), seed=0)
+    prompts = ["hello world", "the cat sat", "a happy day", "one two three", "red green blue", "please write"]
+    data = vm.sample_base(base, tokenizer, prompts, n_per_prompt=4, max_new_tokens=8, seed=0, progress=False)
+    return vm.score(data, {"vowels": vowel_share}, progress=False)
+
+
 @pytest.fixture
 def base_model(tokenizer):
     return build_model("llama", len(tokenizer), seed=0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, make_bank
+from conftest import build_model, build_tokenizer, make_bank, vowel_share
 
 import valuemix as vm
 from valuemix.heads.training import TrainConfig, td_targets, train_head
@@ -46,16 +46,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def samples(tok):
-    base = build_model("llama", len(tok), seed=0)
-    prompts = ["hello world", "the cat sat", "a happy day", "one two three", "red green blue", "please write"]
-    data = vm.sample_base(base, tok, prompts, n_per_prompt=4, max_new_tokens=8, seed=0, progress=False)
-    return vm.score(data, {"vowels": vowel_share}, progress=False)
-
-
-def vowel_share(prompts, completions):
-    """Share of the completion's characters that are vowels: a dense rule reward."""
-    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+def samples(vowel_samples):
+    return vowel_samples
 
 
 def test_training_touches_only_the_chosen_head(tok, samples):
