@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory
 from .fingerprint import describe_tokenizer, tokenizer_fingerprint
 from .memory import explain_out_of_memory
+from .processes import process_state
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
             logger.info("sample_base: cache hit, loading %s", path)
             return datasets.load_from_disk(path)
 
-    state = Accelerator()  # one process, or one of `accelerate launch`'s (its settings come from the launcher)
+    state = process_state()  # one process, or one of `accelerate launch`'s
     rows = _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state)
     dataset = datasets.Dataset.from_list(rows, features=FEATURES)
     if path is not None and state.is_main_process:

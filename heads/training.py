@@ -50,6 +50,7 @@ class TrainConfig:
             about a third more compute, the same result).
         mixed_precision: "no", "bf16" or "fp16" autocast for the backbone's forward; None keeps what
             `accelerate launch`/`accelerate config` set (default "no"). The head's weights stay float32.
+            accelerate fixes it for the whole process at the first training.
         learning_rate: AdamW learning rate of the LoRA matrices.
         value_learning_rate: AdamW learning rate of the scalar value layer.
         weight_decay: AdamW weight decay.

@@ -105,16 +105,16 @@ def sample_main(argv=None) -> str:
 
 def resolve_device(device: str) -> str:
     """"auto" → accelerate's device for this process (its own GPU under `accelerate launch`); others unchanged."""
-    from accelerate import Accelerator
+    from .heads.processes import process_state
 
-    return str(Accelerator().device) if device == "auto" else device
+    return str(process_state().device) if device == "auto" else device
 
 
 def is_main_process() -> bool:
     """False on the other processes of `accelerate launch` (they compute but do not write)."""
-    from accelerate import Accelerator
+    from .heads.processes import process_state
 
-    return Accelerator().is_main_process
+    return process_state().is_main_process
 
 
 def _absolute_if_folder(source: str) -> str:

@@ -145,3 +145,23 @@ def test_bad_scaling_settings_are_refused():
         TrainConfig(gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="mixed_precision must be 'no', 'bf16' or 'fp16' \\(got 'fp8'\\)"):
         TrainConfig(mixed_precision="fp8")
+
+
+def test_mixed_precision_can_be_chosen_after_sampling_in_the_same_process(tmp_path):
+    """Sampling must not pin accelerate's per-process mixed precision before training picks it."""
+    program = """
+import torch, valuemix as vm
+from valuemix.heads.training import TrainConfig
+from valuemix.tiny import build_model, build_tokenizer
+tok = build_tokenizer()
+samples = vm.sample_base(build_model("llama", len(tok)), tok, ["hello world"], n_per_prompt=4, max_new_tokens=6,
+                         progress=False)
+samples = vm.score(samples, {"n": lambda p, c: [float(len(x)) for x in c]}, progress=False)
+bank = vm.ValueBank(build_model("llama", len(tok)), tok)
+bank.add_head("n", seed=0)
+metrics = vm.train_head(bank, "n", samples, "n", TrainConfig(mixed_precision="bf16", epochs=1, progress=False))
+print("steps", metrics["steps"])
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steps 1" in done.stdout
