@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import build_tokenizer, make_bank
+from conftest import make_bank
 from safetensors.torch import load_file
 
 from valuemix.cli import main as cli
@@ -97,40 +97,30 @@ def test_valuemix_train_under_two_processes_saves_the_head_of_one(tiny_folder, t
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("one", "two"))) == ["one", "two"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def samples(vowel_samples):
-    return vowel_samples
-
-
-def trained(tok, samples, **settings):
-    bank = make_bank(tok, heads=("vowels",))
-    metrics = train_head(bank, "vowels", samples, reward="vowels",
+def trained(tokenizer, vowel_samples, **settings):
+    bank = make_bank(tokenizer, heads=("vowels",))
+    metrics = train_head(bank, "vowels", vowel_samples, reward="vowels",
                          config=TrainConfig(epochs=2, batch_size=6, progress=False, **settings))
     return bank, metrics
 
 
 @pytest.mark.parametrize("accumulation", [2, 3, 6])
-def test_gradient_accumulation_fits_the_same_head(tok, samples, accumulation):
-    plain, plain_metrics = trained(tok, samples)
-    split, split_metrics = trained(tok, samples, gradient_accumulation_steps=accumulation)
+def test_gradient_accumulation_fits_the_same_head(tokenizer, vowel_samples, accumulation):
+    plain, plain_metrics = trained(tokenizer, vowel_samples)
+    split, split_metrics = trained(tokenizer, vowel_samples, gradient_accumulation_steps=accumulation)
     assert split_metrics["loss_history"] == pytest.approx(plain_metrics["loss_history"], rel=1e-5)
     for key, value in plain.head_state("vowels").items():
         torch.testing.assert_close(split.head_state("vowels")[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_gradient_checkpointing_recomputes_the_layers_and_fits_the_same_head(tok, samples):
+def test_gradient_checkpointing_recomputes_the_layers_and_fits_the_same_head(tokenizer, vowel_samples):
     calls, banks = {}, {}
     for checkpointing in (False, True):
-        bank = make_bank(tok, heads=("vowels",))  # the same seed: the same starting head
+        bank = make_bank(tokenizer, heads=("vowels",))  # the same seed: the same starting head
         mlp, layer_calls = bank.decoder.layers[0].mlp, []
         forward = mlp.forward  # counted on the instance: forward hooks do not fire when checkpointing recomputes
         mlp.forward = lambda *args, **kwargs: layer_calls.append(1) or forward(*args, **kwargs)
-        train_head(bank, "vowels", samples, reward="vowels", config=TrainConfig(
+        train_head(bank, "vowels", vowel_samples, reward="vowels", config=TrainConfig(
             batch_size=6, max_steps=2, gradient_checkpointing=checkpointing, progress=False))
         del mlp.forward
         calls[checkpointing], banks[checkpointing] = len(layer_calls), bank
