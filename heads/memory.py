@@ -58,14 +58,14 @@ def weights_bytes(source, dtype: torch.dtype | None = None, quantization: str | 
     return total // 8
 
 
-def free_bytes(device: str | torch.device) -> int:
-    """Free memory on `device`: the accelerator's free memory, or the RAM the OS can give for "cpu"."""
+def free_bytes(device: str | torch.device) -> int | None:
+    """Free memory on `device`: CUDA's free memory, the RAM the OS can give for "cpu", else None (unknown)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
         return psutil.virtual_memory().available
-    raise ValueError(f"Cannot tell the free memory of device {device}: pass available=... in bytes.")
+    return None
 
 
 def check_fits(source, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -73,11 +73,12 @@ def check_fits(source, dtype: torch.dtype | None = None, device: str | torch.dev
                revision: str | None = None) -> int:
     """Raise MemoryError, with what to do, when the model's weights cannot fit in the device's free memory.
 
-    available: the memory budget in bytes (default: what is free on `device` now). Returns the weights' bytes.
+    available: the memory budget in bytes (default: what is free on `device` now; devices other than cuda
+    and cpu are not checked). Returns the weights' bytes.
     """
     need = weights_bytes(source, dtype, quantization, revision=revision)
     free = free_bytes(device) if available is None else available
-    if need > free:
+    if free is not None and need > free:
         name = source if isinstance(source, str) else getattr(source, "_name_or_path", "") or source.model_type
         kind = quantization or str(dtype or torch.float32).removeprefix("torch.")
         raise MemoryError(f"{what} {name} needs {need / GB:.2f} GB for its weights in {kind} but {device} has "

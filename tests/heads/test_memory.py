@@ -48,6 +48,7 @@ def test_a_model_that_does_not_fit_is_refused_before_loading_with_what_to_do(fol
         "the value backbone (quantization='4bit' or '8bit', needs `pip install bitsandbytes`), or use a device with "
         "more memory.")
     assert vm.ValueBank(folder).probe  # the real free memory of this machine holds it
+    assert check_fits(folder, device="meta") == need  # a device whose free memory is unknown is not refused
 
 
 def test_quantization_needs_bitsandbytes_or_builds_its_config(folder):
