@@ -156,8 +156,7 @@ def summarize(report: dict) -> dict:
     for head in report["heads"]:
         if head not in report["best_of_n"]:
             continue
-        sweep = [s for s in settings if all(b == 0 for h, b in s["weights"].items() if h != head)
-                 and s["weights"][head] > 0] or [base]
+        sweep = [s for s in own_settings(settings, head) if s["weights"][head] > 0] or [base]
         curve = report["best_of_n"][head]
         reached = [(point, min((s for s in sweep if s["rewards"][head] >= point["reward"]),
                                key=lambda s: (s["kl"], s["seconds_per_completion"]), default=None))
@@ -179,6 +178,11 @@ def summarize(report: dict) -> dict:
     return summary
 
 
+def own_settings(settings: Sequence[dict], head: str) -> list[dict]:
+    """The settings of `head`'s own sweep: every other head at β = 0 (the base included)."""
+    return [s for s in settings if all(b == 0 for h, b in s["weights"].items() if h != head)]
+
+
 def head_evaluation(report: dict, head: str) -> dict:
     """What an evaluation measured for one head, to record in its head_config.json and model card."""
     summary, config = report["summary"][head], report["config"]
@@ -195,8 +199,8 @@ def steering(settings: Sequence[dict], head: str) -> dict:
     around 0 over which the head's reward rises strictly with β at every step; an end is 0 when
     even the first step from 0 failed (e.g. the reward overshot or did not move).
     """
-    rows = sorted(({"beta": s["weights"][head], "reward": s["rewards"][head], "kl": s["kl"]} for s in settings
-                   if all(b == 0 for h, b in s["weights"].items() if h != head)), key=lambda r: r["beta"])
+    rows = sorted(({"beta": s["weights"][head], "reward": s["rewards"][head], "kl": s["kl"]}
+                   for s in own_settings(settings, head)), key=lambda r: r["beta"])
     zero = next(i for i, r in enumerate(rows) if r["beta"] == 0)
 
     def reach(step: int) -> float:

@@ -244,10 +244,10 @@ def _checkpointing(bank: ValueBank, enabled: bool):
     The backbone stays in eval mode (no dropout, as at decode time): only the layers' own `training`
     flag, which transformers checks before checkpointing, is set.
     """
-    layers = [m for m in bank.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not enabled:
         yield
         return
+    layers = [m for m in bank.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise ValueError(f"The backbone {bank.backbone_id} does not support gradient checkpointing in transformers; "
                          "train without gradient_checkpointing.")

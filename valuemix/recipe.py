@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import options
+from .commands import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 Reward = Callable[[list[str], list[str]], Sequence[float]]
 
 
@@ -295,9 +295,11 @@ def evaluate_heads(config, base, tokenizer, bank, work: Task, folders: dict, out
 
 def sweeps(report: dict) -> dict:
     """Per head, its own β sweep (the other heads at 0): rows of β, KL (nats) and every reward's mean."""
+    from .compose.evaluate import own_settings
+
     table = {}
     for head in report["heads"]:
-        own = [s for s in report["settings"] if all(b == 0 for h, b in s["weights"].items() if h != head)]
+        own = own_settings(report["settings"], head)
         table[head] = sorted(({"beta": s["weights"][head], "kl": s["kl"], **s["rewards"]} for s in own),
                              key=lambda row: row["beta"])
     return table
