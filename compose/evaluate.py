@@ -51,8 +51,8 @@ class EvalConfig:
     seed: int = 0
 
 
-def best_of_n_reward(rewards: np.ndarray, n: int) -> float:
-    """Expected max reward of N draws without replacement from each row's M samples, averaged over rows.
+def best_of_n_per_prompt(rewards: np.ndarray, n: int) -> np.ndarray:
+    """Expected max reward of N draws without replacement from each row's M samples: one value per row.
 
     rewards: (prompts, M). With the row sorted, the i-th smallest (1-based) is the max of a random
     N-subset with probability C(i−1, N−1) / C(M, N).
@@ -60,7 +60,23 @@ def best_of_n_reward(rewards: np.ndarray, n: int) -> float:
     m = rewards.shape[1]
     ranks = np.arange(1, m + 1)
     weights = np.array([math.comb(i - 1, n - 1) for i in ranks], dtype=float) / math.comb(m, n)
-    return float((np.sort(rewards, axis=1) * weights).sum(axis=1).mean())
+    return (np.sort(rewards, axis=1) * weights).sum(axis=1)
+
+
+def best_of_n_reward(rewards: np.ndarray, n: int) -> float:
+    """Best-of-N's mean reward over prompts (see `best_of_n_per_prompt`)."""
+    return float(best_of_n_per_prompt(rewards, n).mean())
+
+
+def standard_error(per_prompt: np.ndarray) -> float:
+    """Standard error of a mean over prompts, from one value per prompt (0 for a single prompt).
+
+    Completions of the same prompt are correlated, so the prompt, not the completion, is the unit.
+    """
+    per_prompt = np.asarray(per_prompt, dtype=float)
+    if len(per_prompt) < 2:
+        return 0.0
+    return float(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
 
 
 def best_of_n_kl(n: int) -> float:
@@ -70,13 +86,15 @@ def best_of_n_kl(n: int) -> float:
 
 @dataclass
 class Setting:
-    """One point of the sweep: coefficients, mean reward per reward function, KL and cost."""
+    """One point of the sweep: coefficients, mean reward per reward function (and its standard error over
+    prompts), KL and cost."""
 
     weights: dict[str, float]
     rewards: dict[str, float]
     kl: float
     seconds_per_completion: float
     samples: list[str] = field(default_factory=list)
+    reward_se: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: Mapping[str, Reward],
@@ -102,8 +120,11 @@ def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: 
         mixer = Mixer(bank, weights, top_k=config.top_k, tokenizer=tokenizer)
         texts, kls, seconds = _sample(base, tokenizer, prompts, config.samples_per_prompt, config, mixer)
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
-        means = {name: float(np.mean(fn(repeated, texts))) for name, fn in rewards.items()}
-        results.append(Setting(weights, means, float(np.mean(kls)), seconds, texts[:: config.samples_per_prompt]))
+        scores = {name: np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), -1)
+                  for name, fn in rewards.items()}
+        results.append(Setting(weights, {name: float(s.mean()) for name, s in scores.items()}, float(np.mean(kls)),
+                               seconds, texts[:: config.samples_per_prompt],
+                               {name: standard_error(s.mean(axis=1)) for name, s in scores.items()}))
         bar.update(1)
     bar.set_postfix_str(f"Best-of-{config.best_of} from π_ref")
     best_of_n = _best_of_n(base, tokenizer, prompts, rewards, config)
@@ -142,7 +163,8 @@ def _best_of_n(base, tokenizer, prompts, rewards, config) -> dict:
         scores = np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), m)
         reward_seconds = (time.perf_counter() - began) / len(repeated)
         ns = [2 ** i for i in range(int(math.log2(m)) + 1)]
-        curves[name] = [{"n": n, "reward": best_of_n_reward(scores, n), "kl": best_of_n_kl(n),
+        curves[name] = [{"n": n, "reward": best_of_n_reward(scores, n),
+                         "reward_se": standard_error(best_of_n_per_prompt(scores, n)), "kl": best_of_n_kl(n),
                          "seconds_per_completion": n * (sample_seconds + reward_seconds)} for n in ns]
     return curves
 
@@ -165,14 +187,19 @@ def summarize(report: dict) -> dict:
         bon16 = next((p for p in curve if p["n"] == 16), curve[-1])
         within = [s for s in sweep + [base] if s["kl"] <= bon16["kl"]]
         best_within = max(within, key=lambda s: s["rewards"][head]) if within else base
-        entry = {"base_reward": base["rewards"][head], **steering(settings, head),
+        entry = {"base_reward": base["rewards"][head], "base_reward_se": base["reward_se"].get(head),
+                 **steering(settings, head),
                  "gain_at_best_of_16_kl": best_within["rewards"][head] - base["rewards"][head],
                  "beta_at_best_of_16_kl": best_within["weights"][head]}
+        if bon16["n"] == 16:
+            entry.update({"best_of_16_reward": bon16["reward"], "best_of_16_reward_se": bon16.get("reward_se")})
         if reached:
             point, setting = reached[-1]
             entry.update({"largest_best_of_n_reached": point["n"], "best_of_n_reward": point["reward"],
+                          "best_of_n_reward_se": point.get("reward_se"),
                           "best_of_n_seconds": point["seconds_per_completion"], "beta": setting["weights"][head],
-                          "vas_reward": setting["rewards"][head], "vas_kl": setting["kl"],
+                          "vas_reward": setting["rewards"][head], "vas_reward_se": setting["reward_se"].get(head),
+                          "vas_kl": setting["kl"],
                           "vas_seconds": setting["seconds_per_completion"]})
         summary[head] = entry
     return summary

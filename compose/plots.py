@@ -27,11 +27,13 @@ def _reward_vs_kl(report: dict, head: str, out_dir: Path) -> Path:
                    key=lambda s: s["weights"][head])
     curve = report["best_of_n"][head]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.plot([p["kl"] for p in curve], [p["reward"] for p in curve], "s--", color="tab:gray", label="Best-of-N")
+    ax.errorbar([p["kl"] for p in curve], [p["reward"] for p in curve], yerr=[p.get("reward_se", 0) for p in curve],
+                fmt="s--", color="tab:gray", capsize=3, label="Best-of-N (± standard error over prompts)")
     for p in curve:
         ax.annotate(f"N={p['n']}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.plot([s["kl"] for s in sweep], [s["rewards"][head] for s in sweep], "o-", color="tab:blue",
-            label="valuemix (VAS)")
+    ax.errorbar([s["kl"] for s in sweep], [s["rewards"][head] for s in sweep],
+                yerr=[s.get("reward_se", {}).get(head, 0) for s in sweep], fmt="o-", color="tab:blue", capsize=3,
+                label="valuemix (VAS)")
     for s in sweep:
         ax.annotate(f"β={s['weights'][head]:g}", (s["kl"], s["rewards"][head]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7, color="tab:blue")

@@ -132,17 +132,29 @@ def _rewards(specs, tokenizer=None) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    """A Markdown table: per head, the largest Best-of-N VAS reaches, at what KL and cost, and the gain."""
-    lines = ["| head | base reward | largest BoN reached | β | VAS reward | VAS KL | VAS s/completion | "
-             "BoN s/completion | gain at BoN-16 KL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table: per head, the largest Best-of-N VAS reaches, at what KL and cost, and the gain.
+
+    Mean rewards are shown ± their standard error over prompts.
+    """
+    lines = ["| head | base reward | BoN-16 reward | largest BoN reached | β | VAS reward | VAS KL | VAS s/completion | "
+             "BoN s/completion | gain at BoN-16 KL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for head, s in report["summary"].items():
+        start = (f"| {head} | {_with_error(s['base_reward'], s.get('base_reward_se'))} | "
+                 f"{_with_error(s.get('best_of_16_reward'), s.get('best_of_16_reward_se'))} |")
         if "largest_best_of_n_reached" in s:
-            lines.append(f"| {head} | {s['base_reward']:.3f} | {s['largest_best_of_n_reached']} | {s['beta']:g} | "
-                         f"{s['vas_reward']:.3f} | {s['vas_kl']:.2f} | {s['vas_seconds']:.3f} | "
-                         f"{s['best_of_n_seconds']:.3f} | {s['gain_at_best_of_16_kl']:+.3f} |")
+            lines.append(f"{start} {s['largest_best_of_n_reached']} | {s['beta']:g} | "
+                         f"{_with_error(s['vas_reward'], s.get('vas_reward_se'))} | {s['vas_kl']:.2f} | "
+                         f"{s['vas_seconds']:.3f} | {s['best_of_n_seconds']:.3f} | {s['gain_at_best_of_16_kl']:+.3f} |")
         else:
-            lines.append(f"| {head} | {s['base_reward']:.3f} | none | | | | | | {s['gain_at_best_of_16_kl']:+.3f} |")
+            lines.append(f"{start} none | | | | | | {s['gain_at_best_of_16_kl']:+.3f} |")
     return "\n".join(lines)
+
+
+def _with_error(value: float | None, se: float | None) -> str:
+    """"0.583 ± 0.031" (or the value alone without a standard error; blank without a value)."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
 
 
 eval = Subcommand(make_eval_parser, eval_main)  # noqa: A001  (the subcommand's name)

@@ -10,8 +10,10 @@ from conftest import build_model, build_tokenizer, make_bank
 
 from valuemix.cli import main as cli
 import valuemix as vm
-from valuemix.compose.evaluate import EvalConfig, best_of_n_kl, best_of_n_reward, evaluate, steering
+from valuemix.compose.evaluate import (EvalConfig, best_of_n_kl, best_of_n_per_prompt, best_of_n_reward, evaluate,
+                                       standard_error, steering)
 from valuemix.compose.plots import plot_report
+from valuemix.evaluation import summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,6 +31,45 @@ def test_best_of_n_reward_equals_enumerating_every_subset(n):
     rewards = np.random.default_rng(0).normal(size=(3, 5))
     expected = np.mean([np.mean([max(row[list(s)]) for s in itertools.combinations(range(5), n)]) for row in rewards])
     assert best_of_n_reward(rewards, n) == pytest.approx(expected)
+
+
+def test_standard_error_is_the_spread_of_prompt_means_over_root_prompts():
+    per_prompt = best_of_n_per_prompt(np.random.default_rng(1).normal(size=(6, 8)), 4)
+    expected = math.sqrt(sum((x - per_prompt.mean()) ** 2 for x in per_prompt) / 5) / math.sqrt(6)
+    assert standard_error(per_prompt) == pytest.approx(expected)
+    assert standard_error(np.array([0.7])) == 0.0  # one prompt: no spread to measure
+
+
+class Recording:
+    """A reward that keeps what it returned, call by call, to check the report's statistics against."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions):
+        scores = vowels(prompts, completions)
+        self.calls.append((list(prompts), scores))
+        return scores
+
+
+def test_standard_errors_are_over_prompts_for_every_setting_and_best_of_n():
+    tok = build_tokenizer()
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok, heads=("helpful",))
+    prompts, reward = ["hello world", "the cat", "a dog ran"], Recording()
+    config = EvalConfig(betas=(2.0,), samples_per_prompt=2, best_of=4, max_new_tokens=5, top_k=5, batch_size=8)
+    report = evaluate(base, tok, bank, prompts, {"helpful": reward}, config, progress=False)
+    for setting, (_, scores) in zip(report["settings"], reward.calls):
+        means = np.asarray(scores).reshape(3, 2).mean(axis=1)
+        assert setting["rewards"]["helpful"] == pytest.approx(means.mean())
+        assert setting["reward_se"]["helpful"] == pytest.approx(means.std(ddof=1) / math.sqrt(3))
+    best_of = np.asarray(reward.calls[-1][1]).reshape(3, 4)  # the last call scores the Best-of-N samples
+    for point in report["best_of_n"]["helpful"]:
+        maxima = [np.mean([max(row[list(s)]) for s in itertools.combinations(range(4), point["n"])]) for row in best_of]
+        assert point["reward_se"] == pytest.approx(np.std(maxima, ddof=1) / math.sqrt(3))
+    summary = report["summary"]["helpful"]
+    assert summary["base_reward_se"] == report["settings"][0]["reward_se"]["helpful"] > 0
+    row = summary_table(report).splitlines()[2]
+    assert row.startswith(f"| helpful | {summary['base_reward']:.3f} ± {summary['base_reward_se']:.3f} |  | ")  # no BoN-16
 
 
 def test_best_of_n_kl_is_zero_for_one_and_grows():
