@@ -1,21 +1,34 @@
-"""Atomic directory writes: a folder appears whole or not at all.
+"""Atomic directory writes: a folder appears whole or not at all, even if the writer is killed.
 
     with atomic_directory("out/helpful") as tmp:
         save_file(tensors, os.path.join(tmp, "value_head.safetensors"))
-        ...  # an exception here leaves out/helpful as it was
+        ...  # an exception (or a kill -9) here leaves out/helpful as it was
 
 Everything is written into a hidden temp folder beside the target (same parent, so the final
-rename never crosses a filesystem) and swapped in with one rename when the block exits cleanly.
-Used for head folders, training checkpoints and the base-sample cache.
+rename never crosses a filesystem) and swapped in when the block exits cleanly. On Linux an
+existing folder is replaced by one atomic exchange (renameat2 RENAME_EXCHANGE): at every moment the
+target is the old folder or the new one. Elsewhere (or on a filesystem without the exchange) the old
+folder is renamed aside and the new one renamed in; a crash between those two renames leaves the
+previous folder at `.NAME.old-*` beside it. Temp folders of writers that died are removed by the next
+write to the same target. Used for head folders, training checkpoints and the base-sample cache.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import psutil
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # from <linux/fs.h> and <fcntl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 @contextmanager
@@ -23,10 +36,9 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     """Yield an empty temp folder beside `path`; on a clean exit it becomes `path`.
 
     On an exception the temp folder is removed and `path` is left exactly as it was.
-    An existing folder at `path` is replaced (`overwrite=True`): it is renamed away, the new folder
-    is renamed in, then the old one is deleted. With `overwrite=False` an existing folder wins and
-    the new one is discarded, which suits content-addressed caches written by concurrent runs.
-    A file (not a folder) at `path` is an error, raised before anything is written.
+    An existing folder at `path` is replaced (`overwrite=True`). With `overwrite=False` an existing
+    folder wins and the new one is discarded, which suits content-addressed caches written by
+    concurrent runs. A file (not a folder) at `path` is an error, raised before anything is written.
     """
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
@@ -35,17 +47,18 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is a file, not a folder; remove it or pick another path.")
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+    _remove_leftovers(path)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     os.mkdir(tmp)
     try:
         yield tmp
         _swap_in(tmp, path, overwrite)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a rename; the old folder after an exchange
 
 
 def _swap_in(tmp: str, path: str, overwrite: bool) -> None:
-    """Rename `tmp` to `path`, moving an existing `path` aside first (and back if the swap fails)."""
+    """Make `tmp` the folder at `path`: a rename, or an atomic exchange with an existing folder."""
     if not os.path.lexists(path):
         try:
             os.rename(tmp, path)
@@ -55,7 +68,9 @@ def _swap_in(tmp: str, path: str, overwrite: bool) -> None:
                 raise
     if not overwrite:
         return  # keep the folder that is there; the caller's `finally` removes tmp
-    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
+    if _exchange(tmp, path):
+        return  # tmp now holds the previous folder, which the caller's `finally` removes
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}-{uuid.uuid4().hex}")
     os.rename(path, old)
     try:
         os.rename(tmp, path)
@@ -63,3 +78,31 @@ def _swap_in(tmp: str, path: str, overwrite: bool) -> None:
         os.rename(old, path)  # put the previous folder back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def _remove_leftovers(path: str) -> None:
+    """Delete temp folders beside `path` left by writers that died (their pid is gone).
+
+    A set-aside previous folder (`.NAME.old-*`) is deleted only while `path` itself exists: otherwise
+    it is the last copy of the folder, which the error of the loader points to.
+    """
+    parent, base = os.path.split(path)
+    for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.*-*-*")):
+        kind, _, rest = leftover.rpartition(".")[2].partition("-")
+        pid = rest.partition("-")[0]
+        wanted = kind == "tmp" or (kind == "old" and os.path.isdir(path))
+        if wanted and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)

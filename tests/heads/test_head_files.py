@@ -254,6 +254,8 @@ def test_failure_mid_save_keeps_the_previous_head(bank, saved, tokenizer, monkey
 
 
 def test_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """Where no atomic exchange is available, the two-rename swap restores the old folder when it fails."""
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "old.txt").write_text("old")
