@@ -48,16 +48,25 @@ class ValueBank:
         device: device to put the backbone on.
         quantization: "8bit" or "4bit" to load the backbone quantized with bitsandbytes (an extra:
             `pip install 'valuemix[quant]'`); the heads' LoRA matrices and value layers stay in full precision.
+        num_layers: use only the backbone's first `num_layers` decoder layers (and its final norm): a smaller,
+            faster value backbone cut from a bigger model. Heads record the cut (`HeadConfig.backbone_layers`).
     """
 
     def __init__(self, backbone, tokenizer=None, *, revision: str | None = None, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None, quantization: str | None = None):
+                 device: str | torch.device | None = None, quantization: str | None = None,
+                 num_layers: int | None = None):
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
+                                       or num_layers < 1):
+            raise ValueError(f"num_layers must be a positive whole number of decoder layers, got {num_layers!r}.")
         if isinstance(backbone, nn.Module):
             decoder = copy.deepcopy(backbone.base_model if isinstance(backbone, PreTrainedModel) else backbone)
             source = getattr(decoder.config, "_name_or_path", "") or type(backbone).__name__
+            if num_layers is not None:
+                keep_first_layers(decoder, num_layers)
         else:
             source = str(backbone)
-            decoder = load_decoder(source, revision=revision, dtype=dtype, device=device, quantization=quantization)
+            decoder = load_decoder(source, revision=revision, dtype=dtype, device=device, quantization=quantization,
+                                   num_layers=num_layers)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         if tokenizer is None:
@@ -73,6 +82,7 @@ class ValueBank:
         self.tokenizer = tokenizer
         self.backbone_id = source
         self.backbone_revision = revision or getattr(decoder.config, "_commit_hash", None)
+        self.backbone_layers = num_layers  # None: every layer of the backbone
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.probe = [] if quantization else backbone_probe(decoder)  # quantized weights cannot be compared
         self.value_layers = nn.ModuleDict()
@@ -119,7 +129,8 @@ class ValueBank:
             nn.init.zeros_(layer.bias)
             self.value_layers[name] = layer.requires_grad_(False)
         config = HeadConfig(name=name, backbone=self.backbone_id, backbone_revision=self.backbone_revision,
-                            backbone_probe=self.probe, tokenizer_fingerprint=self.fingerprint, **metadata)
+                            backbone_layers=self.backbone_layers, backbone_probe=self.probe,
+                            tokenizer_fingerprint=self.fingerprint, **metadata)
         self.configs[name] = config
         return config
 
@@ -237,17 +248,33 @@ class ValueBank:
         return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"
 
 
+def keep_first_layers(decoder: nn.Module, num_layers: int) -> None:
+    """Cut a decoder (Llama/Qwen2-style `layers` or GPT-2-style `h`) to its first `num_layers` layers, in place."""
+    stack = next((getattr(decoder, a) for a in ("layers", "h") if isinstance(getattr(decoder, a, None), nn.ModuleList)),
+                 None)
+    if stack is None:
+        raise ValueError(f"Cannot find the decoder layers of {type(decoder).__name__} to keep the first {num_layers}; "
+                         "load the backbone by folder or Hub id with num_layers= instead.")
+    if num_layers > len(stack):
+        raise ValueError(f"num_layers={num_layers} but the backbone has only {len(stack)} decoder layers.")
+    del stack[num_layers:]
+    decoder.config.num_hidden_layers = num_layers
+
+
 def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None, quantization: str | None = None) -> PreTrainedModel:
+                 device: str | torch.device | None = None, quantization: str | None = None,
+                 num_layers: int | None = None) -> PreTrainedModel:
     """Load a model's decoder without its LM head (safetensors only, no remote code).
 
+    `num_layers` loads only the first decoder layers (a config override: the later layers' weights are skipped).
     Checks first that its weights fit in the device's free memory (MemoryError saying what to do).
     """
     quantized = quantization_config(quantization)
     try:
         check_fits(source, dtype, device or ("cuda" if quantized else "cpu"), quantization, revision=revision,
                    what="The value backbone")
-        return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32,
+        overrides = {} if num_layers is None else {"num_hidden_layers": num_layers}
+        return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32, **overrides,
                                          use_safetensors=True, attn_implementation="sdpa", quantization_config=quantized,
                                          device_map={"": device or "cuda"} if quantized else None)
     except OSError as err:

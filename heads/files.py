@@ -14,6 +14,7 @@ pickle, and checks everything (files, backbone, tokenizer, shapes, name) before 
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import warnings
@@ -125,7 +126,8 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
                  for key, value in sorted(config.metrics.items())],
         valuemix_version=config.valuemix_version or "unknown",
         base_literal=repr(base),
-        backbone_literal=repr(backbone),
+        backbone_layers=config.backbone_layers,
+        bank_call=bank_call(replace(config, backbone=backbone)),
         source_literal=repr(os.fspath(source) if source is not None else config.name),
         name_literal=repr(config.name),
     )
@@ -188,6 +190,11 @@ def resolve_head_folder(source: str | os.PathLike, revision: str | None = None,
         return path, f"folder {path}"
     if os.path.exists(path):
         raise NotADirectoryError(f"{path} is a file, not a head folder. {_NEEDS}.")
+    set_aside = glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                                       f".{glob.escape(os.path.basename(os.path.abspath(path)))}.old-*"))
+    if set_aside:
+        raise FileNotFoundError(f"No head folder at {path!r}: a save over it was interrupted, and the previous head "
+                                f"is at {set_aside[0]!r}; rename that folder back to {path!r} to load it.")
     if not looks_like_repo_id(path):
         raise FileNotFoundError(f"No head folder at {path!r}, and it is not a Hub repo id ('user/name'). "
                                 "Pass the folder given to bank.save_head, or a Hub repo id.")
@@ -231,7 +238,13 @@ def check_head_fits(bank, config: HeadConfig) -> None:
         raise ValueError(
             f"Head '{config.name}' was trained with tokenizer fingerprint {config.tokenizer_fingerprint or '(none)'} "
             f"(backbone {config.backbone}) but the bank's tokenizer is {bank.fingerprint} (backbone "
-            f"{bank.backbone_id}); load it on a bank of ValueBank('{config.backbone}').")
+            f"{bank.backbone_id}); load it on a bank of {bank_call(config)}.")
+    if config.backbone_layers != bank.backbone_layers:
+        def layers(n):
+            return f"the first {n} decoder layers" if n else "every decoder layer"
+        raise ValueError(
+            f"Head '{config.name}' was trained on {layers(config.backbone_layers)} of backbone {config.backbone} but "
+            f"the bank runs {layers(bank.backbone_layers)} of {bank.backbone_id}; load it on {bank_call(config)}.")
     head_probe, bank_probe = list(config.backbone_probe), list(bank.probe)
     if not head_probe or not bank_probe:
         return  # a quantized backbone: its weights cannot be compared, the tokenizer check above stands
@@ -239,7 +252,13 @@ def check_head_fits(bank, config: HeadConfig) -> None:
                                                              atol=PROBE_ATOL):
         raise ValueError(
             f"Head '{config.name}' was trained for backbone {config.backbone} but the bank holds "
-            f"{bank.backbone_id} (their weights differ); load it with ValueBank('{config.backbone}').")
+            f"{bank.backbone_id} (their weights differ); load it with {bank_call(config)}.")
+
+
+def bank_call(config: HeadConfig) -> str:
+    """The `ValueBank(...)` call that builds the backbone a head was trained on, as Python source."""
+    cut = f", num_layers={config.backbone_layers}" if config.backbone_layers else ""
+    return f"ValueBank({config.backbone!r}{cut})"
 
 
 # --------------------------------------------------------------------------------------- readers

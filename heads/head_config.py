@@ -15,6 +15,8 @@ class HeadConfig:
         reward: what the head values, in words (a reward's description).
         backbone: id or path of the value backbone the adapter was trained on.
         backbone_revision: the backbone's Hub revision, when known.
+        backbone_layers: the value backbone is the first `backbone_layers` decoder layers of `backbone`
+            (`ValueBank(backbone, num_layers=...)`); None: all of them.
         backbone_probe: a few backbone weights, to refuse a head on another checkpoint.
         base_model: the base model whose samples trained the head.
         tokenizer_fingerprint: hash of the tokenizer's vocabulary (see `tokenizer_fingerprint`).
@@ -32,6 +34,7 @@ class HeadConfig:
     reward: str = ""
     backbone: str = ""
     backbone_revision: str | None = None
+    backbone_layers: int | None = None
     backbone_probe: list[float] = field(default_factory=list)
     base_model: str | None = None
     tokenizer_fingerprint: str = ""

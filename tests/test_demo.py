@@ -6,7 +6,7 @@ import pytest
 
 import valuemix as vm
 from valuemix.cli import main as cli
-from valuemix.demo import HEAD_NAMES, load_demo
+from valuemix.demo import BACKBONE_LAYERS, HEAD_NAMES, HEADS_DIR, MODEL_ID, load_demo
 from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS
 
 # held-out prompts where each reward has room to move, and the coefficient tested (harmless overshoots past
@@ -60,6 +60,23 @@ def test_unlearn_removes_the_entity_and_keeps_helpfulness(world):
     helpful = world.rewards["helpful"]
     tolerance = 0.05  # helpfulness may drop at most this much (cosine similarity, in [-1, 1])
     assert sum(helpful(prompts, steered.texts)) / len(prompts) > sum(helpful(prompts, plain.texts)) / len(prompts) - tolerance
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_shipped_cards_carry_the_hub_metadata(head):
+    """The Hub and its tools read base_model (a repo id), library_name, tags and license from the card."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    card = ModelCard.load(HEADS_DIR / head / "README.md")
+    config = json.loads((HEADS_DIR / head / "head_config.json").read_text())
+    validate_repo_id(card.data.base_model)
+    assert card.data.base_model == config["backbone"] == MODEL_ID
+    assert (card.data.library_name, card.data.license) == ("valuemix", "apache-2.0")
+    assert {"valuemix", "value-head", head} <= set(card.data.tags)
+    assert config["backbone_layers"] == BACKBONE_LAYERS
+    assert f"`{MODEL_ID}`, first {BACKBONE_LAYERS} decoder layers" in card.text
+    assert f"vm.ValueBank('{MODEL_ID}', num_layers={BACKBONE_LAYERS})" in card.text
 
 
 def test_valuemix_eval_on_the_demo_writes_json_and_png(tmp_path):

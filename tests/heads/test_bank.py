@@ -103,3 +103,41 @@ def test_backbone_loads_from_a_hub_id_offline(tok, tmp_path, hub_cache):
     assert bank.probe == vm.ValueBank(model, tok).probe
     with pytest.raises(OSError, match="Could not load the value backbone 'org/not-cached'"):
         vm.ValueBank("org/not-cached")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_num_layers_from_a_folder_equals_cutting_the_model_object(tok, tmp_path, family):
+    model = build_model(family, len(tok), layers=3)
+    model.save_pretrained(tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    cut_object, cut_folder = vm.ValueBank(model, tok, num_layers=2), vm.ValueBank(str(tmp_path / "backbone"),
+                                                                                   num_layers=2)
+    for bank in (cut_object, cut_folder):
+        bank.add_head("helpful", seed=0)
+        assert bank.backbone_layers == 2 and bank.configs["helpful"].backbone_layers == 2
+    ids = tok(TEXTS[:1], return_tensors="pt").input_ids
+    full = model.base_model(ids, output_hidden_states=True).hidden_states
+    hidden = cut_folder.forward_hidden(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], ["helpful"])
+    assert cut_folder.decoder.config.num_hidden_layers == 2 and len(full) == 4
+    torch.testing.assert_close(cut_object.values(ids), cut_folder.values(ids), atol=1e-5, rtol=0)
+    assert hidden.shape == full[2].shape
+
+
+def test_a_head_of_a_cut_backbone_refuses_the_whole_backbone(tok, tmp_path):
+    model = build_model("llama", len(tok), layers=3)
+    cut = vm.ValueBank(model, tok, num_layers=2)
+    cut.add_head("helpful")
+    cut.save_head("helpful", tmp_path / "helpful")
+    with pytest.raises(ValueError, match=r"trained on the first 2 decoder layers of backbone LlamaForCausalLM but the "
+                                         r"bank runs every decoder layer .* ValueBank\('LlamaForCausalLM', "
+                                         r"num_layers=2\)"):
+        vm.ValueBank(model, tok).load_head(tmp_path / "helpful")
+    assert vm.ValueBank(model, tok, num_layers=2).load_head(tmp_path / "helpful") == "helpful"
+
+
+@pytest.mark.parametrize("num_layers, message", [(0, "num_layers must be a positive whole number"),
+                                                 (2.5, "num_layers must be a positive whole number"),
+                                                 (9, "num_layers=9 but the backbone has only 2 decoder layers")])
+def test_bad_num_layers(tok, num_layers, message):
+    with pytest.raises(ValueError, match=message):
+        vm.ValueBank(build_model("llama", len(tok)), tok, num_layers=num_layers)

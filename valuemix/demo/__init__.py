@@ -16,7 +16,7 @@ from pathlib import Path
 from ..heads.bank import ValueBank
 from .prompts import HELD_OUT_PROMPTS
 from .rewards import demo_rewards
-from .smollm import MODEL_ID, first_layers, load_smollm2
+from .smollm import MODEL_ID, load_smollm2
 
 HEAD_NAMES = ("helpful", "harmless", "cheerful", "concise", "unlearn")
 BACKBONE_LAYERS = 12  # the value backbone: SmolLM2's first 12 of 30 layers (decodes ~1.8x faster than all 30)
@@ -53,7 +53,7 @@ def chat_prompt(tokenizer, request: str) -> str:
 
 def demo_backbone(base, tokenizer, n_layers: int = BACKBONE_LAYERS) -> ValueBank:
     """An empty value bank on the demo backbone (the base's first `n_layers` layers)."""
-    return ValueBank(first_layers(base, n_layers), tokenizer)
+    return ValueBank(base, tokenizer, num_layers=n_layers)
 
 
 def load_demo(heads=HEAD_NAMES, heads_dir: Path | str = HEADS_DIR) -> DemoWorld:

@@ -22,14 +22,14 @@ class DemoArgs:
     """Settings of `valuemix demo`.
 
     Attributes:
-        no_ui: print a table of replies and rewards instead of starting the slider app.
+        ui: start the slider app (the default); --no-ui prints a table of replies and rewards instead.
         prompts: how many held-out prompts the table shows.
         max_new_tokens: longest reply, in tokens (in the app: the length slider's starting value).
         top_k: candidates valued per step.
         seed: sampling seed of the table (the same for every mix, so replies differ only by the mix).
     """
 
-    no_ui: bool = False
+    ui: bool = True
     prompts: int = 3
     max_new_tokens: int = 48
     top_k: int = 20
@@ -49,7 +49,7 @@ def demo_main(argv=None) -> list[dict] | None:
 
     parsed = parse_args(make_demo_parser(), argv, "demo")
     args = fill_dataclass(DemoArgs, parsed)
-    if args.no_ui:
+    if not args.ui:
         return print_table(load_demo(), args)
     from ..ui.cli import require_gradio, serve
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, LlamaModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from ..heads.atomic import atomic_directory
 
@@ -65,15 +65,3 @@ def convert_gguf(folder: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         quantised.generation_config.save_pretrained(tmp)
-
-
-def first_layers(model: LlamaForCausalLM, n_layers: int) -> LlamaModel:
-    """A same-tokenizer value backbone: the decoder's first `n_layers` layers (and its final norm)."""
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.num_hidden_layers = n_layers
-    backbone = LlamaModel(config)
-    missing, _ = backbone.load_state_dict(model.model.state_dict(), strict=False)
-    if missing:
-        raise RuntimeError(f"Could not take the first {n_layers} layers: missing {missing[:3]}")
-    backbone.name_or_path = backbone.config._name_or_path = f"{MODEL_ID} (first {n_layers} layers)"
-    return backbone.eval()
