@@ -9,7 +9,8 @@ attention mask in which:
     same position, so one forward values all k continuations s·a (a "tree" of depth one).
 The candidates' keys/values are then cropped off: the token that gets sampled is fed with the next
 step's candidates. A cold call (a sequence the cache has not seen) feeds the whole prompt the same
-way, so the scorer is a pure function of (input_ids, candidates) whatever its cache holds.
+way, so the scorer is a pure function of (input_ids, candidates) whatever its cache holds, up to
+`VALUE_ATOL` (cached and cold forwards round differently).
 For an architecture that rejects custom masks, candidates are scored by cache expansion instead
 (the prefix cache repeated k times, one candidate per row); which way works is checked once per bank.
 """
@@ -26,6 +27,11 @@ from transformers import DynamicCache
 from ..heads.bank import ValueBank, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
+
+# Values of one prefix computed two ways (cached or cold, tree or brute force, mixed-adapter batch or one head
+# at a time) agree within this absolute tolerance, not bit for bit: float32 forwards of different shapes round
+# differently, and differently on different CPUs. The candidate set (the top-k of the scores) is always the same.
+VALUE_ATOL = 1e-4
 
 
 def real_token_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -147,7 +153,7 @@ class CandidateScorer:
         expanded_cache, self.cache = self.cache, untouched
         try:
             got = self._score_tree(new_tokens, new_real, candidates)
-            self.bank.tree_masks_ok = torch.allclose(got, expected, atol=1e-4, rtol=1e-3)
+            self.bank.tree_masks_ok = torch.allclose(got, expected, atol=VALUE_ATOL, rtol=1e-3)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             logger.warning("Tree scoring raised %r", err)
             self.bank.tree_masks_ok = False

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from ..heads.bank import position_ids_from_mask
-from ..heads.sampling import eos_ids
+from ..heads.sampling import check_context, check_whole_number, eos_ids
 from .mixer import Mixer
 
 
@@ -94,13 +94,17 @@ def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None
     Returns a `Generation`; with `stream=True`, a `Stream` of `TextPiece`s whose `.result` is the
     `Generation` once exhausted. Without a mixer this is plain sampling from the base (KL 0).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    check_whole_number("max_new_tokens", max_new_tokens, 1)
+    check_whole_number("seed", seed, 0, 2**63 - 1)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive (got {temperature}); use do_sample=False for greedy.")
     if mixer is not None:
         mixer.bank.check_tokenizer(tokenizer)
     prompts, input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat_template)
+    lengths = attention_mask.sum(-1).tolist()
+    check_context(base, lengths, max_new_tokens)
+    if mixer is not None:  # the backbone values every prefix plus one candidate
+        check_context(mixer.bank.decoder, lengths, max_new_tokens, what="the value backbone")
     steps = _decode(base, tokenizer, input_ids.to(base.device), attention_mask.to(base.device), mixer,
                     max_new_tokens, temperature, do_sample, seed, logits_processors)
     out = Stream(iter(()))

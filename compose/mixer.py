@@ -12,6 +12,18 @@ from ..heads.bank import ValueBank
 from .candidates import CandidateScorer
 
 
+def coefficient_problem(bank: ValueBank, head: str, beta) -> str | None:
+    """Why `beta` is not a valid coefficient for `head` (a known head), in words; None if it is valid."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        return f"Coefficient for head '{head}' must be a finite number, got {beta!r}."
+    low, high = bank.configs[head].beta_range
+    if not low <= beta <= high:
+        return (f"Coefficient {beta} for head '{head}' is outside its range [{low}, {high}] (its head_config "
+                f"beta_range); pick a value inside it or widen the range with bank.configs['{head}'].beta_range = "
+                "(low, high).")
+    return None
+
+
 class Mixer(LogitsProcessor):
     r"""Steer next-token scores with a weighted mix of value heads (VAS).
 
@@ -24,8 +36,10 @@ class Mixer(LogitsProcessor):
     unchanged with `mask_outside_top_k=False`, as in the reference VAS code. With every β_h = 0 the
     output is exactly the base top-k scores. β_h < 0 pushes away from reward h.
 
-    The mixer is a pure function of (input_ids, scores, weights): its KV cache on the value backbone
-    only saves work, and a sequence it has not seen starts a new cache. It composes with any other
+    The mixer is a pure function of (input_ids, scores, weights) up to a float tolerance: called cold
+    on any input it gives the same candidates and added values within `compose.candidates.VALUE_ATOL` (1e-4) of a warm
+    call inside `generate` (its KV cache on the value backbone only saves work, and a sequence it has
+    not seen starts a new cache), but not bit for bit: cached and uncached forwards round differently. It composes with any other
     processor (temperature, top-p, repetition penalty) in `generate`.
 
     Args:
@@ -59,13 +73,9 @@ class Mixer(LogitsProcessor):
         """Change some heads' coefficients (others keep theirs). Cheap: nothing is reloaded."""
         self.bank.check_heads(list(weights))
         for name, beta in weights.items():
-            if not isinstance(beta, (int, float)) or not math.isfinite(beta):
-                raise ValueError(f"Coefficient for head '{name}' must be a finite number, got {beta!r}.")
-            low, high = self.bank.configs[name].beta_range
-            if not low <= beta <= high:
-                raise ValueError(f"Coefficient {beta} for head '{name}' is outside its range [{low}, {high}] "
-                                 f"(its head_config beta_range); pick a value inside it or widen the range with "
-                                 f"bank.configs['{name}'].beta_range = (low, high).")
+            problem = coefficient_problem(self.bank, name, beta)
+            if problem:
+                raise ValueError(problem)
         self.weights.update({name: float(beta) for name, beta in weights.items()})
 
     @property

@@ -108,10 +108,9 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt {i} is empty or whitespace-only ({prompt!r}); remove it or give it text")
-    if n_per_prompt < 1:
-        raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_whole_number("n_per_prompt", n_per_prompt, 1)
+    check_whole_number("max_new_tokens", max_new_tokens, 1)
+    check_whole_number("seed", seed, 0, 2**63 - 1)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; use a small value such as 1e-4 for greedy")
     if top_k < 0 or not 0 < top_p <= 1:
@@ -134,6 +133,7 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         encoded = tokenizer(prompts)["input_ids"]
+    check_context(base, [len(ids) for ids in encoded], max_new_tokens)
     settings = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                     max_new_tokens=int(max_new_tokens), seed=int(seed), chat_template=bool(chat_template),
                     base_model=model_name(base), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
@@ -156,6 +156,49 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
         _save_atomically(dataset, path)
     state.wait_for_everyone()
     return dataset
+
+
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    """True for a folder written by `Dataset.save_to_disk` (and so by `valuemix sample` / `score`)."""
+    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def load_samples(samples) -> datasets.Dataset:
+    """`samples` itself if it is a Dataset, else the samples saved in that folder (FileNotFoundError if none)."""
+    if isinstance(samples, datasets.Dataset):
+        return samples
+    path = os.fspath(samples)
+    if not os.path.isdir(path) or not is_dataset_folder(path):
+        raise FileNotFoundError(f"No samples at {path}: make them with vm.sample_base(...).save_to_disk({path!r}) or "
+                                f"`valuemix sample --out {path}`.")
+    return datasets.load_from_disk(path)
+
+
+def check_whole_number(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; a ValueError naming the argument otherwise (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bound}, got {value}.")
+    return value
+
+
+def context_length(model) -> int | None:
+    """The longest sequence a model takes (max_position_embeddings), or None when its config has no limit."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, what: str = "the base model") -> None:
+    """Refuse prompts that, with `max_new_tokens` more tokens, do not fit in the model's context."""
+    limit = context_length(model)
+    if limit is None or not prompt_lengths:
+        return
+    row = max(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+    if prompt_lengths[row] + max_new_tokens > limit:
+        raise ValueError(f"Prompt {row} is {prompt_lengths[row]} tokens long and max_new_tokens is {max_new_tokens}: "
+                         f"{prompt_lengths[row] + max_new_tokens} tokens do not fit in {what}'s context of {limit} "
+                         f"tokens ({model_name(model)}). Shorten the prompt or lower max_new_tokens.")
 
 
 def eos_ids(base, tokenizer) -> list[int]:
@@ -223,14 +266,15 @@ def _short(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[:n] + "…")
 
 
-def score(samples: datasets.Dataset, rewards: Mapping[str, Reward], batch_size: int = 64,
+def score(samples: datasets.Dataset | str | os.PathLike, rewards: Mapping[str, Reward], batch_size: int = 64,
           progress: bool = True) -> datasets.Dataset:
     """Add one float64 column per reward: `rewards[name](prompts, completions)` for every row.
 
-    A reward maps a batch of prompts and completions (lists of `batch_size` strings or fewer) to
+    `samples` is a Dataset or the folder it was saved to. A reward maps a batch of prompts and completions (lists of `batch_size` strings or fewer) to
     one finite number per completion (rewards per completion, any scale). A column that already has
     the reward's name is replaced. Row order is kept.
     """
+    samples = load_samples(samples)
     if not rewards:
         raise ValueError("rewards is empty; pass a dict such as {'helpful': fn}")
     if batch_size < 1:

@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .atomic import atomic_directory
 from .bank import ValueBank
 from .memory import explain_out_of_memory
+from .sampling import load_samples
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
                description: str | None = None, accelerator: Accelerator | None = None) -> dict:
     """Fit head `name` to the values of reward column `reward` of `samples` by TD(λ) regression.
 
-    samples: a `datasets.Dataset` from `sample_base` + `score` (prompt_ids, completion_ids, reward column).
+    samples: a `datasets.Dataset` from `sample_base` + `score` (prompt_ids, completion_ids, reward column), or
+        the folder it was saved to.
     accelerator: the `accelerate.Accelerator` to train with (default: one made from `config`); under
     `accelerate launch` every process calls train_head on the same samples and only the main process
     should save the head. Returns the training metrics (also stored in the head's config): loss per
@@ -128,7 +130,7 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     config = config or TrainConfig()
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     bank.check_heads([name])
-    rewards, prompt_ids, completion_ids = _checked_data(bank, samples, reward)
+    rewards, prompt_ids, completion_ids = _checked_data(bank, load_samples(samples), reward)
     mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
     targets = (rewards - mean) / std
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import sys
+from contextlib import contextmanager
+
+# Idle OpenMP threads sleep instead of spinning. Spinning threads of two torch processes on the same cores
+# (a second test run, any other job) slowed decoding here 27-fold; sleeping ones share the cores fairly.
+# Read when torch loads its OpenMP runtime, so this must come before the first `import torch`.
+assert "torch" not in sys.modules, "tests/conftest.py must set OMP_WAIT_POLICY before torch is imported"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from valuemix.tiny import FAMILIES, build_model, build_tokenizer  # noqa: F401  (tests import them from here)
 
 
@@ -71,6 +81,15 @@ def make_bank(tokenizer, family: str = "llama", heads=("helpful", "concise"), se
     return bank
 
 
+def assert_same_mix(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Two mixer outputs agree: the same candidates (finite entries) and scores within VALUE_ATOL."""
+    from valuemix.compose.candidates import VALUE_ATOL
+
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), "different candidate sets"
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], atol=VALUE_ATOL, rtol=0)
+
+
 def brute_force_values(bank, input_ids, attention_mask, candidates, heads):
     """V_h(s·a) for every candidate by a separate full forward of s·a: (n_heads, batch, k)."""
     batch, k = candidates.shape
@@ -119,3 +138,26 @@ def hub_cache(tmp_path, monkeypatch):
         (repo / "refs" / ref).write_text(commit)
 
     return publish
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (so that two test runs side by side never collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(world, **kwargs):
+    """The slider app of `world` served on 127.0.0.1 at a free port, in a background thread; yields its URL."""
+    from valuemix.ui.app import build_app
+
+    app = build_app(world, **kwargs)
+    port = free_port()
+    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()

@@ -18,7 +18,7 @@ from valuemix.heads import rewards
 from valuemix.heads.training import TrainConfig
 
 PROMPTS = ["the cat", "hello", "a happy"]
-MINE = ("sample", "score", "train", "push")
+MINE = ("sample", "score", "train", "push", "generate")
 
 
 @pytest.fixture
@@ -322,6 +322,19 @@ def test_help_of_every_subcommand_mentions_every_flag(name, capsys):
     for action in cli.load(name).make_parser()._actions:
         for flag in action.option_strings or [action.metavar or action.dest]:
             assert flag in out, flag
+
+
+@pytest.mark.parametrize("name", list(cli.SUBCOMMANDS))
+def test_boolean_flags_read_as_a_person_types_them(name):
+    """A switch is --x/--no-x: never a generated --no-no-x, and a --no-x given alone turns x off."""
+    for action in cli.load(name).make_parser()._actions:
+        assert not any(flag.startswith("--no-no-") for flag in action.option_strings), action.option_strings
+        negative = [flag for flag in action.option_strings if flag.startswith("--no-")]
+        if negative:
+            positive = "--" + negative[0][len("--no-"):]
+            assert positive in action.option_strings, action.option_strings
+            parsed = cli.load(name).make_parser().parse_known_args([negative[0]])[0]
+            assert getattr(parsed, action.dest) is False
 
 
 @pytest.mark.parametrize("name", MINE)

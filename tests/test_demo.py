@@ -79,6 +79,24 @@ def test_shipped_cards_carry_the_hub_metadata(head):
     assert f"vm.ValueBank('{MODEL_ID}', num_layers={BACKBONE_LAYERS})" in card.text
 
 
+def test_valuemix_demo_no_ui_prints_the_table_of_mixes(capsys):
+    """`valuemix demo --no-ui` (as the README and --help say) prints mean rewards and KL per mix, then the replies."""
+    from valuemix.demo.prompts import HELD_OUT_PROMPTS
+    from valuemix.demo.show import MIXES
+
+    assert cli(["demo", "--no-ui", "--prompts", "1", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, rows = lines[0].split(), lines[1:1 + len(MIXES)]
+    assert header[0] == "mix" and header[-2:] == ["KL", "nats"] and len(header) == 3 + len(HEAD_NAMES)
+    assert rows[0].startswith("base (all β = 0)") and rows[1].startswith("helpful=4")
+    for row in rows:
+        numbers = [float(x) for x in row.split()[-(len(HEAD_NAMES) + 1):]]
+        assert numbers[-1] >= 0  # KL from the base
+    assert float(rows[0].split()[-1]) == 0.0  # β = 0 is the base: KL 0
+    assert lines[1 + len(MIXES) + 1] == f"### {HELD_OUT_PROMPTS[0]}"
+    assert len(lines) == 1 + len(MIXES) + 2 + len(MIXES)  # one reply per mix
+
+
 def test_valuemix_eval_on_the_demo_writes_json_and_png(tmp_path):
     out = tmp_path / "eval"
     assert cli(["eval", "--out", str(out), "--n-prompts", "2", "--betas", "4", "--best-of", "4",

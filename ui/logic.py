@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 
 from ..compose.generate import encode_prompts, generate
-from ..compose.mixer import Mixer
+from ..compose.mixer import Mixer, coefficient_problem
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
 MAX_PROMPT_CHARS = 4000
@@ -114,13 +114,9 @@ def parse_weights(bank, weights) -> dict[str, float]:
                 beta = float(beta)
             except ValueError:
                 pass
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-            problems.append(f"Coefficient for head '{head}' must be a finite number, got {beta!r}.")
-            continue
-        low, high = beta_range(bank, head)
-        if not low <= beta <= high:
-            problems.append(f"Coefficient {beta:g} for head '{head}' is outside its range [{low:g}, {high:g}]; "
-                            "pick a value inside it.")
+        problem = coefficient_problem(bank, head, beta)
+        if problem:
+            problems.append(problem)
             continue
         out[head] = float(beta)
     if problems:
@@ -201,7 +197,7 @@ def validate_request(parts: AppParts, prompt, weights, max_new_tokens=64, seed=0
     if not isinstance(prompt, str) or not prompt.strip():
         problems.append("The prompt is empty: type a request (or pick an example).")
     elif len(prompt) > MAX_PROMPT_CHARS:
-        problems.append(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        problems.append(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}: shorten it.")
     tokens = _integer("max_new_tokens", max_new_tokens, 1, limit, problems)
     seed = _integer("seed", seed, 0, 2**63 - 1, problems)
     try:
@@ -258,6 +254,9 @@ def score_outputs(rewards: Mapping[str, Callable], prompt: str, texts: list[str]
         except Exception as err:  # a reward is user code: say which one failed
             raise RuntimeError(f"Reward '{name}' failed: {type(err).__name__}: {err}") from err
         for row, value in zip(scores, values):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RuntimeError(f"Reward '{name}' returned {value!r}; a reward must return one finite number per "
+                                   "reply: fix the reward function (or leave it out of the app).")
             row[name] = float(value)
     return scores
 

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sample": ("valuemix.commands:sample", "sample completions from the base model to a dataset folder"),
     "score": ("valuemix.commands:score", "add reward columns to a samples folder"),
     "train": ("valuemix.commands:train", "train one value head on a reward column and save it"),
+    "generate": ("valuemix.generation:generate", "replies of the base model steered by a mix of heads"),
     "push": ("valuemix.commands:push", "publish a head folder to the Hugging Face Hub"),
     "ui": ("valuemix.ui.cli:ui", "the slider app: mix heads live, see rewards and KL, HTTP API (needs [ui])"),
     "eval": ("valuemix.evaluation:eval", "reward vs KL over a coefficient sweep, against Best-of-N (JSON + PNG)"),

@@ -189,6 +189,7 @@ def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
 def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:
     """`dataset.save_to_disk(out)` atomically, with the reward descriptions beside it; returns the folder."""
     from .heads.atomic import atomic_directory
+    from .heads.sampling import is_dataset_folder
 
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not is_dataset_folder(out):
@@ -201,20 +202,14 @@ def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:
     return out
 
 
-def is_dataset_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
-
-
 def load_samples(path: str):
     """(dataset, reward descriptions) from a folder written by `valuemix sample` / `score` (or save_to_disk)."""
-    import datasets
+    from .heads.sampling import load_samples as load_dataset_folder
 
-    if not os.path.isdir(path) or not is_dataset_folder(path):
-        raise FileNotFoundError(f"No samples at {path}: make them with `valuemix sample --out {path}` (or "
-                                "Dataset.save_to_disk).")
+    samples = load_dataset_folder(path)
     described = Path(path, REWARDS_FILE)
     rewards = json.loads(described.read_text(encoding="utf-8")) if described.is_file() else {}
-    return datasets.load_from_disk(path), rewards
+    return samples, rewards
 
 
 # ------------------------------------------------------------------------------------------- score

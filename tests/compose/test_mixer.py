@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import brute_force_values, build_model, build_tokenizer, make_bank
+from conftest import assert_same_mix, brute_force_values, build_model, build_tokenizer, make_bank
 from transformers import LogitsProcessor, TopKLogitsWarper
 
 import valuemix as vm
-from valuemix.compose.candidates import real_token_mask
+from valuemix.compose.candidates import VALUE_ATOL, real_token_mask
 
 PROMPTS = ["hello world", "the cat sat on the mat and the dog"]  # different lengths: left padding
 
@@ -75,20 +75,22 @@ def test_added_logits_equal_brute_force_inside_generate(tok, family):
     run_generate(base, tok, recorder, new_tokens=5)
     assert len(recorder.calls) == 5
     for input_ids, scores, out in recorder.calls:
-        torch.testing.assert_close(out, expected_scores(bank, input_ids, scores, weights, 6), atol=1e-4, rtol=0)
+        assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 6))
 
 
 def test_cold_call_equals_warm_call(tok):
-    """The mixer is a pure function: a fresh mixer, or one whose cache holds another sequence, agrees."""
+    """The mixer is a pure function up to VALUE_ATOL: a fresh mixer, or one whose cache holds another sequence,
+    gives the same candidates and values as the warm call inside generate (not bit for bit: cached and cold
+    forwards round differently on some CPUs)."""
     base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
     weights = {"helpful": 2.0}
     recorder = Recorder(vm.Mixer(bank, weights, top_k=6))
     run_generate(base, tok, recorder, new_tokens=4)
     input_ids, scores, warm = recorder.calls[-1]
-    assert torch.equal(vm.Mixer(bank, weights, top_k=6)(input_ids, scores), warm)
+    assert_same_mix(vm.Mixer(bank, weights, top_k=6)(input_ids, scores), warm)
     busy = recorder.mixer  # its cache now holds the last step; feed it an unrelated shorter sequence first
     busy(input_ids[:, :3], scores)
-    torch.testing.assert_close(busy(input_ids, scores), warm, atol=1e-5, rtol=0)
+    assert_same_mix(busy(input_ids, scores), warm)
 
 
 def test_cache_expansion_fallback_agrees_with_brute_force(tok):
@@ -98,7 +100,7 @@ def test_cache_expansion_fallback_agrees_with_brute_force(tok):
     recorder = Recorder(vm.Mixer(bank, weights, top_k=4))
     run_generate(base, tok, recorder, new_tokens=3)
     for input_ids, scores, out in recorder.calls:
-        torch.testing.assert_close(out, expected_scores(bank, input_ids, scores, weights, 4), atol=1e-4, rtol=0)
+        assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 4))
 
 
 def test_first_scoring_detects_that_tree_masks_work(tok):
@@ -127,7 +129,8 @@ def test_set_weights_changes_the_mix_without_reloading(tok):
     mixer.set_weights({"helpful": 2.0})
     bonus = mixer(ids, scores) - mixer.reference(scores)
     finite = torch.isfinite(bonus)
-    torch.testing.assert_close(bonus[finite], 2 * (steered - mixer.reference(scores))[finite], atol=1e-5, rtol=0)
+    torch.testing.assert_close(bonus[finite], 2 * (steered - mixer.reference(scores))[finite],
+                               atol=2 * VALUE_ATOL, rtol=0)  # β doubled: so is the tolerance
 
 
 def test_bad_weights_get_clear_errors(tok):

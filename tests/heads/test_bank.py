@@ -5,6 +5,7 @@ import torch
 from conftest import FAMILIES, build_model, build_tokenizer, make_bank
 
 import valuemix as vm
+from valuemix.compose.candidates import VALUE_ATOL
 
 TEXTS = ["hello world", "the cat sat on the mat and the dog"]
 
@@ -22,7 +23,7 @@ def test_mixed_adapter_values_equal_one_head_at_a_time(tok, family):
     assert together.shape == (3, 2, enc.input_ids.shape[1])
     for i, head in enumerate(bank.heads):
         alone = bank.values(enc.input_ids, enc.attention_mask, heads=[head])[0]
-        torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[i], alone, atol=VALUE_ATOL, rtol=0)
     assert not torch.allclose(together[0], together[1])  # the heads really differ
 
 
@@ -31,7 +32,7 @@ def test_left_padding_does_not_change_a_rows_values(tok):
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     single = tok(TEXTS[:1], return_tensors="pt")
     batched = bank.values(enc.input_ids, enc.attention_mask)[:, 0, -single.input_ids.shape[1]:]
-    torch.testing.assert_close(batched, bank.values(single.input_ids)[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, bank.values(single.input_ids)[:, 0], atol=VALUE_ATOL, rtol=0)
 
 
 def test_a_new_head_is_zero_and_adding_it_leaves_others_unchanged(tok):
@@ -119,7 +120,7 @@ def test_num_layers_from_a_folder_equals_cutting_the_model_object(tok, tmp_path,
     full = model.base_model(ids, output_hidden_states=True).hidden_states
     hidden = cut_folder.forward_hidden(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], ["helpful"])
     assert cut_folder.decoder.config.num_hidden_layers == 2 and len(full) == 4
-    torch.testing.assert_close(cut_object.values(ids), cut_folder.values(ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cut_object.values(ids), cut_folder.values(ids), atol=VALUE_ATOL, rtol=0)
     assert hidden.shape == full[2].shape
 
 

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 import valuemix as vm
+from valuemix.compose.candidates import VALUE_ATOL
 from valuemix.heads import atomic, files
 from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.files import REQUIRED_FILES
@@ -125,7 +126,7 @@ def test_two_heads_from_disk_mix_like_single_heads(bank, tokenizer, tmp_path):
     assert fresh.load_head([tmp_path / "concise", tmp_path / "helpful"]) == ["concise", "helpful"]
     mixed = values(fresh, tokenizer, ["helpful", "concise"])
     single = torch.cat([values(fresh, tokenizer, ["helpful"]), values(fresh, tokenizer, ["concise"])])
-    torch.testing.assert_close(mixed, single, rtol=1e-5, atol=1e-5)  # batch shapes differ: float rounding
+    torch.testing.assert_close(mixed, single, rtol=0, atol=VALUE_ATOL)  # batch shapes differ: float rounding
     assert torch.equal(mixed, values(bank, tokenizer, ["helpful", "concise"]))
 
 

@@ -196,8 +196,8 @@ def test_failed_save_leaves_no_cache(base_model, tokenizer, tmp_path, monkeypatc
     ({"prompts": []}, "prompts is empty"),
     ({"prompts": ["fine", "  \n"]}, "prompt 1 is empty or whitespace-only"),
     ({"prompts": "hello"}, "not one string"),
-    ({"n_per_prompt": 0}, "n_per_prompt must be >= 1"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"n_per_prompt": 0}, "n_per_prompt must be at least 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
 ])
 def test_bad_arguments_rejected(base_model, tokenizer, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -6,14 +6,12 @@ never download a browser. The last test runs the demo world and writes docs/app.
 
 import os
 import shutil
-import socket
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import build_model, build_tokenizer, make_bank
+from conftest import build_model, build_tokenizer, make_bank, serving
 
 import gradio  # noqa: F401  (the ui extra; installed by the README and .ci/run)
 from gradio_client import Client
@@ -37,24 +35,6 @@ def length_reward(prompts, completions):
 
 def vowel_reward(prompts, completions):
     return [sum(ch in "aeiou" for ch in c) for c in completions]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(world, **kwargs):
-    """The app of `world` served on 127.0.0.1 at a free port, in a background thread; yields its URL."""
-    app = build_app(world, **kwargs)
-    port = free_port()
-    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.close()
 
 
 @pytest.fixture(scope="module")

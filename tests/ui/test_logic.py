@@ -27,6 +27,7 @@ from valuemix.ui.logic import (
 )
 
 import valuemix as vm
+from valuemix.compose.candidates import VALUE_ATOL
 
 
 def length_reward(prompts, completions):
@@ -55,7 +56,7 @@ def ask(parts, weights, prompt="the cat sat on", tokens=12, seed=0):
     ("", {}, 8, 0, "The prompt is empty"),
     ("   ", {}, 8, 0, "The prompt is empty"),
     ("hi", {"polite": 1.0}, 8, 0, "Unknown head 'polite'. Heads in this app: helpful, concise."),
-    ("hi", {"helpful": 11.0}, 8, 0, r"Coefficient 11 for head 'helpful' is outside its range \[-10, 10\]"),
+    ("hi", {"helpful": 11.0}, 8, 0, r"Coefficient 11.0 for head 'helpful' is outside its range \[-10.0, 10.0\]"),
     ("hi", {"helpful": -10.5}, 8, 0, "outside its range"),
     ("hi", {"helpful": float("nan")}, 8, 0, "must be a finite number"),
     ("hi", {"helpful": "lots"}, 8, 0, "must be a finite number"),
@@ -89,7 +90,7 @@ def test_the_range_comes_from_the_head_config(parts):
     config.beta_range = (-1.0, 2.0)
     try:
         assert parse_weights(parts.bank, {"concise": 2.0})["concise"] == 2.0
-        with pytest.raises(RequestError, match=r"\[-1, 2\]"):
+        with pytest.raises(RequestError, match=r"\[-1.0, 2.0\]"):
             parse_weights(parts.bank, {"concise": 3.0})
     finally:
         config.beta_range = old
@@ -232,7 +233,7 @@ def test_contributions_sum_to_final_minus_base_logit(parts):
         assert len(rows) == parts.top_k
         for row in rows:
             total = sum(row["contributions"].values())
-            assert row["final_logit"] - row["base_logit"] == pytest.approx(total, abs=1e-4)
+            assert row["final_logit"] - row["base_logit"] == pytest.approx(total, abs=VALUE_ATOL)
         assert [r["token_id"] for r in rows if r["chosen"]] == [outcome.mixed.token_ids[step]]
         assert [r["final_logit"] for r in rows] == sorted((r["final_logit"] for r in rows), reverse=True)
         assert sum(r["p_mixed"] for r in rows) == pytest.approx(1.0, abs=1e-5)
@@ -242,7 +243,7 @@ def test_contributions_are_centred_per_head_and_zero_for_heads_at_zero(parts):
     outcome = run_mix_once(parts, ask(parts, {"helpful": 3.0}))
     rows = explain_step(parts, outcome, 1)
     assert all(r["contributions"]["concise"] == 0.0 for r in rows)
-    assert sum(r["contributions"]["helpful"] for r in rows) == pytest.approx(0.0, abs=1e-4)
+    assert sum(r["contributions"]["helpful"] for r in rows) == pytest.approx(0.0, abs=VALUE_ATOL)
 
 
 def test_the_base_logits_match_the_decoding(parts):

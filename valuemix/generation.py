@@ -1,0 +1,105 @@
+"""`valuemix generate`: replies of a base model steered by a mix of value heads, from the command line.
+
+    valuemix generate --base HuggingFaceTB/SmolLM2-135M-Instruct --backbone HuggingFaceTB/SmolLM2-135M-Instruct \\
+                      --heads runs/heads/concise --mix concise=2 --prompt "Tell me about cats" --chat-template
+
+Prints every reply with its KL from the base (nats); `--mix` left out gives the base model's top-k replies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .commands import DTYPES, Subcommand, _absolute_if_folder
+from .options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+
+
+@dataclass
+class GenerateArgs:
+    """Settings of `valuemix generate`.
+
+    Attributes:
+        base: the base model: a local folder or Hugging Face Hub id.
+        backbone: the value backbone the heads were trained on: a folder or Hub id.
+        heads: a head folder or Hub repo id to load.
+        mix: a head's coefficient, as NAME=BETA (e.g. concise=2); heads left out get β = 0.
+        prompt: a prompt to reply to.
+        prompts: a prompts file (.txt, .jsonl, .json), replied to after the --prompt ones.
+        num_layers: use only the backbone's first N decoder layers (as the heads were trained; see their card).
+        max_new_tokens: longest reply, in tokens.
+        top_k: candidates valued per step.
+        temperature: sampling temperature (> 0).
+        seed: sampling seed; the same seed gives the same replies.
+        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
+        json: print one JSON object per reply instead of text.
+        device: device to run the models on.
+        dtype: dtype of the base model and the backbone.
+    """
+
+    base: str = field(metadata={"metavar": "ID_OR_PATH"})
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
+    heads: list[str] = field(metadata={"metavar": "HEAD"})
+    mix: list[str] = field(default_factory=list, metadata={"metavar": "NAME=BETA"})
+    prompt: list[str] = field(default_factory=list, metadata={"metavar": "TEXT"})
+    prompts: str | None = field(default=None, metadata={"metavar": "FILE"})
+    num_layers: int | None = None
+    max_new_tokens: int = 64
+    top_k: int = 20
+    temperature: float = 1.0
+    seed: int = 0
+    chat_template: bool = False
+    json: bool = False
+    device: str = "cpu"
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
+
+
+def make_generate_parser():
+    parser = make_parser("valuemix generate", __doc__)
+    add_dataclass_arguments(parser, GenerateArgs)
+    return parser
+
+
+def parse_mix(items: list[str]) -> dict[str, float]:
+    """{head: β} from NAME=BETA strings; a ValueError naming the item that is not of that form."""
+    weights = {}
+    for item in items:
+        name, _, beta = item.partition("=")
+        try:
+            weights[name.strip() or None] = float(beta)
+        except ValueError:
+            weights[None] = None
+        if None in weights:
+            raise ValueError(f"--mix {item!r} is not NAME=BETA with a number for BETA: write e.g. --mix concise=2.")
+    return weights
+
+
+def generate_main(argv=None) -> list[dict]:
+    """Load the base, the backbone and the heads; print the mixed reply to every prompt."""
+    import torch
+
+    from .commands import load_base, read_prompts
+    from .compose.generate import generate
+    from .compose.mixer import Mixer
+    from .heads.bank import ValueBank
+
+    args = fill_dataclass(GenerateArgs, parse_args(make_generate_parser(), argv, "generate"))
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ValueError("No prompts: give --prompt TEXT (repeat it for several) or --prompts FILE.")
+    weights = parse_mix(args.mix)
+    base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+                     num_layers=args.num_layers)
+    bank.load_head([_absolute_if_folder(h) for h in args.heads])
+    mixer = Mixer(bank, weights, top_k=args.top_k, tokenizer=tokenizer)
+    out = generate(base, tokenizer, prompts, mixer, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed, chat_template=args.chat_template)
+    rows = [{"prompt": p, "reply": t, "kl": kl} for p, t, kl in zip(prompts, out.texts, out.kl)]
+    for row in rows:
+        print(json.dumps(row) if args.json else f"### {row['prompt']}\n{row['reply']}\n(KL from the base "
+                                                   f"{row['kl']:.3f} nats)\n")
+    return rows
+
+
+generate = Subcommand(make_generate_parser, generate_main)
