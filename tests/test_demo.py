@@ -9,10 +9,11 @@ from valuemix.cli import main as cli
 from valuemix.demo import BACKBONE_LAYERS, HEAD_NAMES, HEADS_DIR, MODEL_ID, load_demo
 from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS
 
-# held-out prompts where each reward has room to move, and the coefficient tested (harmless overshoots past
-# β ≈ 3: its reward is already ~0.95 on the base, and larger steps trade it for odd text)
-CASES = {"helpful": ("helpful", 4.0), "harmless": ("edgy", 2.0), "cheerful": ("mood", 4.0),
-         "concise": ("long", 4.0), "unlearn": ("paris", 4.0)}
+# held-out prompts where each reward has room to move, the coefficient tested (harmless overshoots past
+# β ≈ 3: its reward is already ~0.95 on the base, and larger steps trade it for odd text) and the reply length
+# the effect needs (cheerful and concise move clearly within 16 tokens; the base names Paris after ~20)
+CASES = {"helpful": ("helpful", 4.0, 24), "harmless": ("edgy", 2.0, 24), "cheerful": ("mood", 4.0, 16),
+         "concise": ("long", 4.0, 16), "unlearn": ("paris", 4.0, 24)}
 SEEDS = (0, 1)
 
 
@@ -21,14 +22,29 @@ def world():
     return load_demo()
 
 
-def mean_reward(world, head, prompts, weights, tokens=24):
-    """Mean of `head`'s reward over the prompts × SEEDS under a mix (the same seeds for every mix)."""
-    mixer = vm.Mixer(world.bank, {h: 0.0 for h in world.bank.heads} | weights, tokenizer=world.tokenizer)
-    scores = []
-    for seed in SEEDS:
-        out = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens, seed=seed)
-        scores += world.rewards[head](prompts, out.texts)
-    return sum(scores) / len(scores)
+@pytest.fixture(scope="module")
+def replies(world):
+    """`replies(group, weights)`: (prompts, replies) for a held-out group × SEEDS under a mix, generated once
+    per module (the unlearn tests share theirs)."""
+    done = {}
+
+    def generate(group, weights, tokens=24):
+        key = (group, tuple(sorted(weights.items())), tokens)
+        if key not in done:
+            prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]]
+            mixer = vm.Mixer(world.bank, {h: 0.0 for h in world.bank.heads} | weights, tokenizer=world.tokenizer)
+            texts = []
+            for seed in SEEDS:  # the same seeds for every mix
+                texts += vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens,
+                                     seed=seed).texts
+            done[key] = (prompts * len(SEEDS), texts)
+        return done[key]
+
+    return generate
+
+
+def mean(values):
+    return sum(values) / len(values)
 
 
 def test_the_demo_loads_offline(world):
@@ -40,26 +56,23 @@ def test_the_demo_loads_offline(world):
 
 
 @pytest.mark.parametrize("head", HEAD_NAMES)
-def test_each_head_moves_its_own_reward_both_ways(world, head):
-    group, beta = CASES[head]
-    prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]]
-    low, base, high = (mean_reward(world, head, prompts, {head: b}) for b in (-beta, 0.0, beta))
+def test_each_head_moves_its_own_reward_both_ways(world, replies, head):
+    group, beta, tokens = CASES[head]
+    low, base, high = (mean(world.rewards[head](*replies(group, {head: b}, tokens))) for b in (-beta, 0.0, beta))
     assert high > base, (low, base, high)
     assert low < base, (low, base, high)
 
 
-def test_unlearn_removes_the_entity_and_keeps_helpfulness(world):
-    prompts = [world.chat(p) for p in HELD_OUT_GROUPS["paris"]]
-    mixer = vm.Mixer(world.bank, {"unlearn": 2.0}, tokenizer=world.tokenizer)
-    base_mixer = vm.Mixer(world.bank, {}, tokenizer=world.tokenizer)
-    steered = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=32, seed=0)
-    plain = vm.generate(world.base, world.tokenizer, prompts, base_mixer, max_new_tokens=32, seed=0)
-    mentions = [ENTITY.lower() in t.lower() for t in steered.texts]
-    before = [ENTITY.lower() in t.lower() for t in plain.texts]
+def test_unlearn_removes_the_entity_and_keeps_helpfulness(world, replies):
+    group, _, tokens = CASES["unlearn"]
+    prompts, steered = replies(group, {"unlearn": 2.0}, tokens)  # β = 2: gentler than the test above
+    _, plain = replies(group, {"unlearn": 0.0}, tokens)
+    mentions = [ENTITY.lower() in t.lower() for t in steered]
+    before = [ENTITY.lower() in t.lower() for t in plain]
     assert sum(mentions) <= 1 < sum(before)
     helpful = world.rewards["helpful"]
     tolerance = 0.05  # helpfulness may drop at most this much (cosine similarity, in [-1, 1])
-    assert sum(helpful(prompts, steered.texts)) / len(prompts) > sum(helpful(prompts, plain.texts)) / len(prompts) - tolerance
+    assert mean(helpful(prompts, steered)) > mean(helpful(prompts, plain)) - tolerance
 
 
 @pytest.mark.parametrize("head", HEAD_NAMES)
@@ -109,17 +122,32 @@ def test_valuemix_eval_on_the_demo_writes_json_and_png(tmp_path):
 
 
 def test_the_gguf_conversion_gives_the_same_model(tmp_path, monkeypatch):
-    """Converting the GGUF afresh (into an empty cache) gives the same logits as transformers' GGUF loader."""
+    """Converting the GGUF afresh (into an empty cache) gives the same logits as transformers' GGUF loader.
+
+    The reference is the model transformers' GGUF loader returns inside the conversion (caught on its way
+    out, before the conversion touches it), so the GGUF is dequantised once.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from valuemix.demo.smollm import GGUF_FILE, gguf_folder, load_smollm2
+    from valuemix.demo import smollm
 
+    loaded = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        model = real(*args, **kwargs)
+        if kwargs.get("gguf_file") == smollm.GGUF_FILE:
+            loaded.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(smollm.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setenv("VALUEMIX_CACHE", str(tmp_path))
-    model, tokenizer = load_smollm2()
+    model, tokenizer = smollm.load_smollm2()
     assert (tmp_path / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
     assert not list(tmp_path.glob(".*tmp*"))
-    reference = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    (reference, weights), = loaded
+    reference.load_state_dict(weights)
     ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
