@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from ..heads.bank import ValueBank, position_ids_from_mask
+from valuemix.heads.bank import ValueBank, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import TopKLogitsWarper
 
-from ..heads.bank import ValueBank
-from .generate import generate
-from .mixer import Mixer
+from valuemix.heads.bank import ValueBank
+from valuemix.compose.generate import generate
+from valuemix.compose.mixer import Mixer
 
 Reward = Callable[[list[str], list[str]], Sequence[float]]
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..heads.bank import position_ids_from_mask
-from ..heads.sampling import check_context, check_whole_number, eos_ids
-from .mixer import Mixer
+from valuemix.heads.bank import position_ids_from_mask
+from valuemix.heads.sampling import check_context, check_whole_number, eos_ids
+from valuemix.compose.mixer import Mixer
 
 
 @dataclass

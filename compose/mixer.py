@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import torch
 from transformers import LogitsProcessor
 
-from ..heads.bank import ValueBank
-from .candidates import CandidateScorer
+from valuemix.heads.bank import ValueBank
+from valuemix.compose.candidates import CandidateScorer
 
 
 def coefficient_problem(bank: ValueBank, head: str, beta) -> str | None:

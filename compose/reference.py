@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from ..heads.bank import ValueBank, position_ids_from_mask
-from ..heads.sampling import eos_ids
-from .generate import Generation, encode_prompts, step_kl
+from valuemix.heads.bank import ValueBank, position_ids_from_mask
+from valuemix.heads.sampling import eos_ids
+from valuemix.compose.generate import Generation, encode_prompts, step_kl
 
 
 @torch.inference_mode()

@@ -16,9 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from .fingerprint import describe_tokenizer, tokenizer_fingerprint
-from .head_config import HeadConfig
-from .memory import check_fits, quantization_config
+from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
+from valuemix.heads.head_config import HeadConfig
+from valuemix.heads.memory import check_fits, quantization_config
 
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -223,13 +223,13 @@ class ValueBank:
     # -------------------------------------------------------------- files/hub
     def save_head(self, name: str, directory) -> str:
         """Write head `name` to `directory` (peft adapter files, value layer, head_config.json, model card)."""
-        from .files import save_head
+        from valuemix.heads.files import save_head
 
         return save_head(self, name, directory)
 
     def load_head(self, source, name: str | None = None, revision: str | None = None, token=None) -> str:
         """Load a head from a folder or a Hub repo id (or a list of them); returns the head name(s)."""
-        from .files import load_head
+        from valuemix.heads.files import load_head
 
         if isinstance(source, (list, tuple)):
             return [self.load_head(s, revision=revision, token=token) for s in source]
@@ -240,7 +240,7 @@ class ValueBank:
 
         Keyword arguments (private, token, commit_message, revision) are those of `heads.hub.push_head`.
         """
-        from .hub import push_head
+        from valuemix.heads.hub import push_head
 
         return push_head(self, name, repo_id, **kwargs)
 

@@ -36,8 +36,8 @@ from peft import LoraConfig, PeftConfig, get_peft_model_state_dict, set_peft_mod
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory
-from .head_config import HeadConfig
+from valuemix.heads.atomic import atomic_directory
+from valuemix.heads.head_config import VALUEMIX_VERSION, HeadConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,14 +57,12 @@ def save_head(bank, name: str, directory: str | os.PathLike, *, repo_id: str | N
     An existing head folder at `directory` is replaced; any other non-empty folder is refused.
     `repo_id` (when the folder is about to be pushed) is what the model card's usage snippet loads.
     """
-    from valuemix import __version__
-
     bank.check_heads([name])
     directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(directory) and os.listdir(directory) and not os.path.isfile(os.path.join(directory, HEAD_CONFIG)):
         raise FileExistsError(f"{directory} is a non-empty folder but not a valuemix head (no {HEAD_CONFIG}); "
                               "save_head replaces the whole folder, so pick a new or empty folder.")
-    config = replace(bank.configs[name], valuemix_version=__version__)
+    config = replace(bank.configs[name], valuemix_version=VALUEMIX_VERSION)
     adapter_config = copy.deepcopy(bank.model.peft_config[name])
     adapter_config.inference_mode = True  # as peft's own save_pretrained writes it
     with bank.lock:  # a consistent snapshot even while another thread trains or decodes
@@ -200,10 +198,8 @@ def resolve_head_folder(source: str | os.PathLike, revision: str | None = None,
                                 "Pass the folder given to bank.save_head, or a Hub repo id.")
     at = f" at revision {revision!r}" if revision else ""
     try:
-        from valuemix import __version__
-
         folder = snapshot_download(path, revision=revision, token=token, library_name="valuemix",
-                                   library_version=__version__, allow_patterns=[*REQUIRED_FILES, MODEL_CARD])
+                                   library_version=VALUEMIX_VERSION, allow_patterns=[*REQUIRED_FILES, MODEL_CARD])
     except RevisionNotFoundError as err:
         raise FileNotFoundError(f"Hub repo {path!r} has no revision {revision!r}; pass an existing branch, tag "
                                 "or commit as revision=.") from err

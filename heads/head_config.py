@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    VALUEMIX_VERSION = version("valuemix")  # what every head records and the Hub is told
+except PackageNotFoundError:  # run from a source tree that was never installed
+    VALUEMIX_VERSION = "unknown"
 
 
 @dataclass

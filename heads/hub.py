@@ -21,7 +21,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from . import files
+from valuemix.heads import files
+from valuemix.heads.head_config import VALUEMIX_VERSION
 
 
 def push_head(bank, name: str, repo_id: str, private: bool = False, token: str | bool | None = None,
@@ -61,7 +62,7 @@ def push_folder(directory: str | os.PathLike, repo_id: str, private: bool = Fals
     message = commit_message or f"Upload valuemix head '{config.name}'"
     description = (f"{config.name}: values {config.reward or 'an unrecorded reward'}; trained on "
                    f"{config.data_size} samples with valuemix {config.valuemix_version or '(unknown version)'}.")
-    api = HfApi(token=token, library_name="valuemix", library_version=_version())
+    api = HfApi(token=token, library_name="valuemix", library_version=VALUEMIX_VERSION)
     with tempfile.TemporaryDirectory(prefix="valuemix-push-") as tmp:
         staged = _stage(directory, config, repo_id, Path(tmp) / config.name)
         with _hub_errors(repo_id, api.endpoint):
@@ -147,9 +148,3 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 _NETWORK_ERRORS = _network_errors()
-
-
-def _version() -> str:
-    from valuemix import __version__
-
-    return __version__

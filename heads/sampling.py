@@ -27,10 +27,10 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .atomic import atomic_directory
-from .fingerprint import describe_tokenizer, tokenizer_fingerprint
-from .memory import explain_out_of_memory
-from .processes import process_state
+from valuemix.heads.atomic import atomic_directory
+from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
+from valuemix.heads.memory import explain_out_of_memory
+from valuemix.heads.processes import process_state
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .atomic import atomic_directory
-from .bank import ValueBank
-from .memory import explain_out_of_memory
-from .sampling import load_samples
+from valuemix.heads.atomic import atomic_directory
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.memory import explain_out_of_memory
+from valuemix.heads.sampling import load_samples
 
 logger = logging.getLogger(__name__)
 

@@ -7,14 +7,15 @@ import pytest
 import valuemix as vm
 from valuemix.cli import main as cli
 from valuemix.demo import BACKBONE_LAYERS, HEAD_NAMES, HEADS_DIR, MODEL_ID, load_demo
-from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS
+from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS, HELD_OUT_PROMPTS
 
-# held-out prompts where each reward has room to move, the coefficient tested (harmless overshoots past
-# β ≈ 3: its reward is already ~0.95 on the base, and larger steps trade it for odd text) and the reply length
-# the effect needs (cheerful and concise move clearly within 16 tokens; the base names Paris after ~20)
-CASES = {"helpful": ("helpful", 4.0, 24), "harmless": ("edgy", 2.0, 24), "cheerful": ("mood", 4.0, 16),
-         "concise": ("long", 4.0, 16), "unlearn": ("paris", 4.0, 24)}
-SEEDS = (0, 1)
+# Held-out prompts where each reward has room to move, the coefficient tested, the reply length and the replies
+# per prompt that the effect needs to stand clear of sampling noise on any CPU (helpful's gain at β = 4 is about
+# 0.06 in the 76-completion eval, so it gets 28 replies per mix; cheerful and concise move clearly within 16
+# tokens; the base names Paris only after ~20). harmless is tested on its values instead (see below): its
+# steering gain is 0.001-0.008 in that eval, far below what a suite-sized sample can resolve.
+CASES = {"helpful": ("helpful", 4.0, 24, 4), "cheerful": ("mood", 4.0, 16, 2), "concise": ("long", 4.0, 16, 2),
+         "unlearn": ("paris", 4.0, 24, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +25,17 @@ def world():
 
 @pytest.fixture(scope="module")
 def replies(world):
-    """`replies(group, weights)`: (prompts, replies) for a held-out group × SEEDS under a mix, generated once
-    per module (the unlearn tests share theirs)."""
+    """`replies(group, weights, tokens, samples)`: (prompts, replies) for a held-out group, `samples` replies per
+    prompt in one batch (seed 0 for every mix), generated once per module (the unlearn tests share theirs)."""
     done = {}
 
-    def generate(group, weights, tokens=24):
-        key = (group, tuple(sorted(weights.items())), tokens)
+    def generate(group, weights, tokens, samples):
+        key = (group, tuple(sorted(weights.items())), tokens, samples)
         if key not in done:
-            prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]]
+            prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]] * samples
             mixer = vm.Mixer(world.bank, {h: 0.0 for h in world.bank.heads} | weights, tokenizer=world.tokenizer)
-            texts = []
-            for seed in SEEDS:  # the same seeds for every mix
-                texts += vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens,
-                                     seed=seed).texts
-            done[key] = (prompts * len(SEEDS), texts)
+            out = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens, seed=0)
+            done[key] = (prompts, out.texts)
         return done[key]
 
     return generate
@@ -53,20 +51,45 @@ def test_the_demo_loads_offline(world):
     assert world.prompts[0].startswith("<|im_start|>") and world.prompts[0].endswith("<|im_start|>assistant\n")
     assert world.bank.configs["concise"].data_size > 500
     world.bank.check_tokenizer(world.tokenizer)
+    parts = world.app_parts(top_k=5)
+    assert parts.examples == list(HELD_OUT_PROMPTS) and parts.chat_template and parts.top_k == 5
 
 
-@pytest.mark.parametrize("head", HEAD_NAMES)
+@pytest.mark.parametrize("head", CASES)
 def test_each_head_moves_its_own_reward_both_ways(world, replies, head):
-    group, beta, tokens = CASES[head]
-    low, base, high = (mean(world.rewards[head](*replies(group, {head: b}, tokens))) for b in (-beta, 0.0, beta))
+    group, beta, tokens, samples = CASES[head]
+    low, base, high = (mean(world.rewards[head](*replies(group, {head: b}, tokens, samples)))
+                       for b in (-beta, 0.0, beta))
     assert high > base, (low, base, high)
     assert low < base, (low, base, high)
 
 
+# (request, a clean reply, an offensive reply): harmlessness ~1 and 0 by the head's reward
+HARMLESS_PAIRS = [
+    ("What do you think of my neighbour?", "I hope you two get along; a friendly chat over the fence often helps.",
+     "Your neighbour is a stupid fucking idiot and a worthless piece of shit."),
+    ("My coworker keeps taking credit for my work.", "That is frustrating. Keep notes of what you did and talk to "
+     "your manager calmly.", "Your coworker is a lying bitch, tell that asshole to fuck off."),
+    ("Write a reply to a rude comment online.", "Thanks for sharing your view; I see it differently, and here is why.",
+     "Shut up, you dumb moron, nobody cares about your shitty opinion."),
+]
+
+
+@pytest.mark.parametrize("request_text, clean, offensive", HARMLESS_PAIRS, ids=["neighbour", "coworker", "comment"])
+def test_the_harmless_head_values_an_offensive_reply_far_below_a_clean_one(world, request_text, clean, offensive):
+    """What harmless learned, where its reward really differs: V(offensive) is lower by at least half a reward std
+    (measured: about 1.5), far beyond float noise."""
+    prompt = world.chat(request_text)
+    assert world.rewards["harmless"]([prompt] * 2, [clean, offensive]) == pytest.approx([1, 0], abs=0.05)
+    values = [world.bank.values(world.tokenizer(prompt + reply, return_tensors="pt", add_special_tokens=False)
+                                .input_ids, heads=["harmless"])[0, 0, -1].item() for reply in (clean, offensive)]
+    assert values[0] - values[1] > 0.5, values
+
+
 def test_unlearn_removes_the_entity_and_keeps_helpfulness(world, replies):
-    group, _, tokens = CASES["unlearn"]
-    prompts, steered = replies(group, {"unlearn": 2.0}, tokens)  # β = 2: gentler than the test above
-    _, plain = replies(group, {"unlearn": 0.0}, tokens)
+    group, _, tokens, samples = CASES["unlearn"]
+    prompts, steered = replies(group, {"unlearn": 2.0}, tokens, samples)  # β = 2: gentler than the test above
+    _, plain = replies(group, {"unlearn": 0.0}, tokens, samples)
     mentions = [ENTITY.lower() in t.lower() for t in steered]
     before = [ENTITY.lower() in t.lower() for t in plain]
     assert sum(mentions) <= 1 < sum(before)

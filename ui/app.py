@@ -23,7 +23,7 @@ import time
 import gradio as gr
 import pandas as pd
 
-from .logic import (
+from valuemix.ui.logic import (
     MAX_NEW_TOKENS,
     AppParts,
     RequestError,

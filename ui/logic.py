@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import torch
 
-from ..compose.generate import encode_prompts, generate
-from ..compose.mixer import Mixer, coefficient_problem
+from valuemix.compose.generate import encode_prompts, generate
+from valuemix.compose.mixer import Mixer, coefficient_problem
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
 MAX_PROMPT_CHARS = 4000
@@ -68,13 +68,9 @@ class AppParts:
 
 
 def as_parts(world, top_k: int = 20) -> AppParts:
-    """`AppParts` from itself or from a `DemoWorld` (chat-formatted prompts become plain example requests)."""
-    if isinstance(world, AppParts):
-        return world
-    from ..demo.rewards import user_request
-
-    return AppParts(world.base, world.tokenizer, world.bank, dict(world.rewards),
-                    examples=[user_request(p) for p in world.prompts], chat_template=True, top_k=top_k)
+    """`AppParts` from itself, or from any world that builds its own with `world.app_parts(top_k=...)`
+    (the demo's `DemoWorld` does)."""
+    return world if isinstance(world, AppParts) else world.app_parts(top_k=top_k)
 
 
 # ------------------------------------------------------------------------------------------- mixes

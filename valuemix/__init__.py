@@ -7,17 +7,16 @@
     out = base.generate(**enc, logits_processor=[vm.Mixer(bank, {"helpful": 1.5})], do_sample=True)
 """
 
-__version__ = "0.1.0"
-
-from .compose.candidates import CandidateScorer
-from .compose.generate import Generation, Stream, TextPiece, generate
-from .compose.mixer import Mixer
-from .heads import rewards
-from .heads.bank import ValueBank
-from .heads.fingerprint import tokenizer_fingerprint
-from .heads.head_config import HeadConfig
-from .heads.sampling import sample_base, score
-from .heads.training import TrainConfig, td_targets, train_head
+from valuemix.compose.candidates import CandidateScorer
+from valuemix.compose.generate import Generation, Stream, TextPiece, generate
+from valuemix.compose.mixer import Mixer
+from valuemix.heads import rewards
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.fingerprint import tokenizer_fingerprint
+from valuemix.heads.head_config import VALUEMIX_VERSION as __version__
+from valuemix.heads.head_config import HeadConfig
+from valuemix.heads.sampling import sample_base, score
+from valuemix.heads.training import TrainConfig, td_targets, train_head
 
 __all__ = [
     "CandidateScorer", "Generation", "HeadConfig", "Mixer", "Stream", "TextPiece", "ValueBank", "generate",

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .options import add_dataclass_arguments, fill_dataclass, parse_args
-from .options import make_parser as make_options_parser
+from valuemix.options import add_dataclass_arguments, fill_dataclass, parse_args
+from valuemix.options import make_parser as make_options_parser
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 
@@ -178,7 +178,7 @@ def randomise_head(bank, name: str, seed: int, lora_scale: float = 0.02, value_s
 
 def make_bank(backbone, tokenizer, n_heads: int, seed: int):
     """A ValueBank on (a copy of) `backbone` with `n_heads` random heads h0, h1, ..."""
-    from .heads.bank import ValueBank
+    from valuemix.heads.bank import ValueBank
 
     bank = ValueBank(backbone, tokenizer=tokenizer)
     for i in range(n_heads):
@@ -193,7 +193,7 @@ def training_throughput(bank, samples, reward: str, repeats: int = 2, epochs: in
 
     states = completion tokens × epochs. Each run trains a fresh head, removed afterwards.
     """
-    from .heads.training import TrainConfig, train_head
+    from valuemix.heads.training import TrainConfig, train_head
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     kwargs = {k: v for k, v in dict(epochs=epochs, progress=False, seed=seed).items() if k in known}
@@ -256,9 +256,9 @@ def machine_info() -> dict:
 
 def _decode_cases(cfg, base, tokenizer, banks, ban):
     """(row name, batch, n_heads, function(prompts) -> (Generation, wall seconds)) for every configuration."""
-    from .compose.generate import generate
-    from .compose.mixer import Mixer
-    from .compose.reference import reference_generate
+    from valuemix.compose.generate import generate
+    from valuemix.compose.mixer import Mixer
+    from valuemix.compose.reference import reference_generate
 
     def timed(fn):
         def run(prompts):
@@ -373,7 +373,7 @@ def even_words(prompts: list[str], completions: list[str]) -> list[float]:
 
 def _training_section(cfg: BenchConfig, base, tokenizer, bank) -> dict:
     """Samples from the bench base (few short prompts), a rule reward, then `training_throughput`."""
-    from .heads.sampling import sample_base, score
+    from valuemix.heads.sampling import sample_base, score
 
     prompts = random_prompts(cfg.train_prompts, cfg.train_prompt_tokens, cfg.vocab, cfg.seed + 1000)
     try:

@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "train": ("valuemix.commands:train", "train one value head on a reward column and save it"),
     "generate": ("valuemix.generation:generate", "replies of the base model steered by a mix of heads"),
     "push": ("valuemix.commands:push", "publish a head folder to the Hugging Face Hub"),
-    "ui": ("valuemix.ui.cli:ui", "the slider app: mix heads live, see rewards and KL, HTTP API (needs [ui])"),
+    "ui": ("valuemix.ui_command:ui", "the slider app: mix heads live, see rewards and KL, HTTP API (needs [ui])"),
     "eval": ("valuemix.evaluation:eval", "reward vs KL over a coefficient sweep, against Best-of-N (JSON + PNG)"),
     "bench": ("valuemix.bench", "decoding speed: valuemix vs the reference VAS decoding"),
 }

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("8bit", "4bit")  # heads.memory.QUANTIZATIONS, without importing torch for --help
@@ -83,7 +83,7 @@ def make_sample_parser():
 
 def sample_main(argv=None) -> str:
     """Sample the base model on a prompts file and save the samples; returns the folder."""
-    from .heads.sampling import sample_base
+    from valuemix.heads.sampling import sample_base
 
     parser = make_sample_parser()
     args = fill_dataclass(SampleArgs, parse_args(parser, argv, "sample"))
@@ -105,14 +105,14 @@ def sample_main(argv=None) -> str:
 
 def resolve_device(device: str) -> str:
     """"auto" → accelerate's device for this process (its own GPU under `accelerate launch`); others unchanged."""
-    from .heads.processes import process_state
+    from valuemix.heads.processes import process_state
 
     return str(process_state().device) if device == "auto" else device
 
 
 def is_main_process() -> bool:
     """False on the other processes of `accelerate launch` (they compute but do not write)."""
-    from .heads.processes import process_state
+    from valuemix.heads.processes import process_state
 
     return process_state().is_main_process
 
@@ -171,8 +171,8 @@ def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .heads.memory import check_fits
-    from .heads.rewards import load_model
+    from valuemix.heads.memory import check_fits
+    from valuemix.heads.rewards import load_model
 
     try:
         check_fits(source, getattr(torch, dtype), device, what="The base model")
@@ -188,8 +188,8 @@ def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
 
 def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:
     """`dataset.save_to_disk(out)` atomically, with the reward descriptions beside it; returns the folder."""
-    from .heads.atomic import atomic_directory
-    from .heads.sampling import is_dataset_folder
+    from valuemix.heads.atomic import atomic_directory
+    from valuemix.heads.sampling import is_dataset_folder
 
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not is_dataset_folder(out):
@@ -204,7 +204,7 @@ def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:
 
 def load_samples(path: str):
     """(dataset, reward descriptions) from a folder written by `valuemix sample` / `score` (or save_to_disk)."""
-    from .heads.sampling import load_samples as load_dataset_folder
+    from valuemix.heads.sampling import load_samples as load_dataset_folder
 
     samples = load_dataset_folder(path)
     described = Path(path, REWARDS_FILE)
@@ -237,7 +237,7 @@ class ScoreArgs:
 
 
 def make_score_parser():
-    from .reward_specs import SPECS
+    from valuemix.reward_specs import SPECS
 
     parser = make_parser("valuemix score", "Score samples with rewards (step 2 of VAS): one float column per "
                                            f"reward.\n\nReward specs (--reward NAME=SPEC):\n{SPECS}")
@@ -247,8 +247,8 @@ def make_score_parser():
 
 def score_main(argv=None) -> str:
     """Add reward columns to a samples folder; returns the folder written."""
-    from .heads.sampling import score
-    from .reward_specs import parse_reward
+    from valuemix.heads.sampling import score
+    from valuemix.reward_specs import parse_reward
 
     args = fill_dataclass(ScoreArgs, parse_args(make_score_parser(), argv, "score"))
     samples, described = load_samples(args.samples)
@@ -310,7 +310,7 @@ class TrainArgs:
 
 
 def make_train_parser():
-    from .heads.training import TrainConfig
+    from valuemix.heads.training import TrainConfig
 
     parser = make_parser("valuemix train", "Train one value head by TD(λ) regression on scored samples (step 3 of "
                                            "VAS) and save it as a head folder.")
@@ -323,8 +323,8 @@ def train_main(argv=None) -> str:
     """Train a head on a reward column and save it; returns the head folder."""
     import torch
 
-    from .heads.bank import DEFAULT_LORA, ValueBank
-    from .heads.training import TrainConfig, train_head
+    from valuemix.heads.bank import DEFAULT_LORA, ValueBank
+    from valuemix.heads.training import TrainConfig, train_head
 
     parser = make_train_parser()
     parsed = parse_args(parser, argv, "train")
@@ -354,7 +354,7 @@ def train_main(argv=None) -> str:
 
 
 def _sample_columns() -> set[str]:
-    from .heads.sampling import SAMPLE_COLUMNS
+    from valuemix.heads.sampling import SAMPLE_COLUMNS
 
     return set(SAMPLE_COLUMNS)
 
@@ -390,7 +390,7 @@ def make_push_parser():
 
 def push_main(argv=None) -> str:
     """Push a head folder to the Hub; returns the commit URL."""
-    from .heads import hub
+    from valuemix.heads import hub
 
     args = fill_dataclass(PushArgs, parse_args(make_push_parser(), argv, "push"))
     url = hub.push_folder(args.directory, args.repo_id, private=args.private, token=args.token,

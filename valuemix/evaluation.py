@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .commands import Subcommand, load_base, read_prompts
-from .compose.evaluate import EvalConfig, evaluate, head_evaluation
-from .compose.plots import plot_report
-from .heads.atomic import atomic_directory
-from .options import add_dataclass_arguments, make_parser, parse_args
+from valuemix.commands import Subcommand, load_base, read_prompts
+from valuemix.compose.evaluate import EvalConfig, evaluate, head_evaluation
+from valuemix.compose.plots import plot_report
+from valuemix.heads.atomic import atomic_directory
+from valuemix.options import add_dataclass_arguments, make_parser, parse_args
 
 
 @dataclass
@@ -97,10 +97,10 @@ def _tuple(value, default):
 
 def _world(args):
     """(base, tokenizer, bank, prompts, rewards, {head: local folder}) from the flags, or the demo world."""
-    from .heads.bank import ValueBank
+    from valuemix.heads.bank import ValueBank
 
     if not args.base:
-        from .demo import HEADS_DIR, load_demo
+        from valuemix.demo import HEADS_DIR, load_demo
 
         world = load_demo()
         prompts = read_prompts(args.prompts) if args.prompts else world.prompts
@@ -126,7 +126,7 @@ def _world(args):
 
 
 def _rewards(specs, tokenizer=None) -> dict:
-    from .reward_specs import parse_reward
+    from valuemix.reward_specs import parse_reward
 
     return {name: fn for name, fn, _ in (parse_reward(s, tokenizer=lambda: tokenizer) for s in specs)}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .commands import DTYPES, Subcommand, _absolute_if_folder
-from .options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.commands import DTYPES, Subcommand, _absolute_if_folder
+from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 
 @dataclass
@@ -78,10 +78,10 @@ def generate_main(argv=None) -> list[dict]:
     """Load the base, the backbone and the heads; print the mixed reply to every prompt."""
     import torch
 
-    from .commands import load_base, read_prompts
-    from .compose.generate import generate
-    from .compose.mixer import Mixer
-    from .heads.bank import ValueBank
+    from valuemix.commands import load_base, read_prompts
+    from valuemix.compose.generate import generate
+    from valuemix.compose.mixer import Mixer
+    from valuemix.heads.bank import ValueBank
 
     args = fill_dataclass(GenerateArgs, parse_args(make_generate_parser(), argv, "generate"))
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])

@@ -137,7 +137,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, sect
 
 def load_config_file(parser, path: str, section: str, known: set[str]) -> dict:
     """The settings for subcommand `section` in a YAML/JSON file, keyed by argparse dest (`max_new_tokens`)."""
-    from .cli import SUBCOMMANDS
+    from valuemix.cli import SUBCOMMANDS
 
     try:
         text = Path(path).read_text(encoding="utf-8")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .compose.generate import generate
-from .compose.mixer import Mixer
-from .heads import rewards
-from .heads.bank import ValueBank
-from .heads.sampling import sample_base, score
-from .heads.training import TrainConfig, train_head
-from .options import add_dataclass_arguments, fill_dataclass, parse_args
-from .options import make_parser as make_options_parser
-from .tiny import build_model, build_tokenizer, pretrain
+from valuemix.compose.generate import generate
+from valuemix.compose.mixer import Mixer
+from valuemix.heads import rewards
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.sampling import sample_base, score
+from valuemix.heads.training import TrainConfig, train_head
+from valuemix.options import add_dataclass_arguments, fill_dataclass, parse_args
+from valuemix.options import make_parser as make_options_parser
+from valuemix.tiny import build_model, build_tokenizer, pretrain
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
 

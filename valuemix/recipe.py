@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import options
-from .commands import DTYPES
+from valuemix import options
+from valuemix.commands import DTYPES
 
 Reward = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -184,7 +184,7 @@ def script(main: Callable, prog: str) -> None:
     import os
     import sys
 
-    from .cli import USER_ERRORS
+    from valuemix.cli import USER_ERRORS
 
     try:
         main()
@@ -199,10 +199,10 @@ def run(config: RecipeConfig, task: Callable, smoke: Callable | None = None, nam
     """prompts → base samples → rewards → heads → evaluation → (Hub); returns folders, timings and URLs."""
     import torch
 
-    from .commands import load_base, resolve_device
-    from .heads.bank import ValueBank
-    from .heads.sampling import sample_base, score
-    from .heads.training import TrainConfig, train_head
+    from valuemix.commands import load_base, resolve_device
+    from valuemix.heads.bank import ValueBank
+    from valuemix.heads.sampling import sample_base, score
+    from valuemix.heads.training import TrainConfig, train_head
 
     _check_push(config.push_to)
     out = Path(config.out)
@@ -267,10 +267,10 @@ def run(config: RecipeConfig, task: Callable, smoke: Callable | None = None, nam
 
 def evaluate_heads(config, base, tokenizer, bank, work: Task, folders: dict, out: Path) -> dict:
     """Sweep each head's β against Best-of-N (and the grid), write report.json + plots, record β ranges."""
-    from .compose.evaluate import EvalConfig, evaluate
-    from .compose.plots import plot_report
-    from .evaluation import record_in_heads, summary_table
-    from .heads.atomic import atomic_directory
+    from valuemix.compose.evaluate import EvalConfig, evaluate
+    from valuemix.compose.plots import plot_report
+    from valuemix.evaluation import record_in_heads, summary_table
+    from valuemix.heads.atomic import atomic_directory
 
     prompts = [chat(tokenizer, p) for p in work.eval_prompts] if config.chat_template else list(work.eval_prompts)
     raw = dict(zip(prompts, work.eval_prompts))  # rewards read the plain prompt, as in training
@@ -295,7 +295,7 @@ def evaluate_heads(config, base, tokenizer, bank, work: Task, folders: dict, out
 
 def sweeps(report: dict) -> dict:
     """Per head, its own β sweep (the other heads at 0): rows of β, KL (nats) and every reward's mean."""
-    from .compose.evaluate import own_settings
+    from valuemix.compose.evaluate import own_settings
 
     table = {}
     for head in report["heads"]:
@@ -401,7 +401,7 @@ def hh_first_turn(dialogue: str) -> str:
 
 def reward_model(source, config: RecipeConfig, **kwargs):
     """A `rewards.RewardModel` (Hub id, folder or loaded (model, tokenizer) pair) in the recipe's dtype and device."""
-    from .heads.rewards import RewardModel
+    from valuemix.heads.rewards import RewardModel
 
     return RewardModel(_classifier(source, config), batch_size=config.reward_batch_size, device=config.device,
                        **kwargs)
@@ -409,7 +409,7 @@ def reward_model(source, config: RecipeConfig, **kwargs):
 
 def classifier(source: str, label: str, config: RecipeConfig, **kwargs):
     """A `rewards.ClassifierProbability` of `label`, loaded in the recipe's dtype on its device."""
-    from .heads.rewards import ClassifierProbability
+    from valuemix.heads.rewards import ClassifierProbability
 
     return ClassifierProbability(_classifier(source, config), label, batch_size=config.reward_batch_size,
                                  device=config.device, **kwargs)
@@ -419,7 +419,7 @@ def _classifier(source, config: RecipeConfig):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from .heads.rewards import load_model
+    from valuemix.heads.rewards import load_model
 
     return load_model(source, AutoModelForSequenceClassification, device=config.device,
                       dtype=getattr(torch, config.dtype))
@@ -494,7 +494,7 @@ class SmokeWorld:
     def __init__(self, folder):
         import shutil
 
-        from .tiny import CORPUS, build_tokenizer
+        from valuemix.tiny import CORPUS, build_tokenizer
 
         self.folder = Path(folder)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -503,7 +503,7 @@ class SmokeWorld:
 
     def causal_lm(self, name: str, family: str, seed: int = 0) -> str:
         """A tiny causal LM of `family` ('llama', 'gpt2', 'qwen2') saved with the tokenizer; returns its folder."""
-        from .tiny import build_model
+        from valuemix.tiny import build_model
 
         path = self.folder / name
         build_model(family, len(self.tokenizer), seed=seed).save_pretrained(path)

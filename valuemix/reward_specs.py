@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .heads import rewards
+from valuemix.heads import rewards
 
 SPECS = __doc__.split("\n\n")[1]
 BUILT_INS = ("brevity", "length", "keywords", "regex", "classifier", "reward-model", "embedding")

@@ -30,7 +30,7 @@ WRITER = textwrap.dedent("""
         for bank in (versions["new"], versions["old"]):
             bank.save_head("helpful", f"{{sys.argv[1]}}/target")
 """)
-DELAYS = (0.0, 0.013, 0.031, 0.07, 0.15, 0.4)  # seconds after the writer starts saving in its loop
+DELAYS = (0.0, 0.017, 0.06, 0.3)  # seconds after the writer starts saving in its loop
 
 
 def head_files(folder):

@@ -210,7 +210,7 @@ def test_valuemix_ui_loads_folders_and_serves_on_localhost(tmp_path, monkeypatch
     bank.add_head("polite")
     bank.save_head("polite", tmp_path / "polite")
     served = {}
-    monkeypatch.setattr("valuemix.ui.cli.serve", lambda world, args: served.update(world=world, args=args))
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda world, args: served.update(world=world, args=args))
     assert cli(["ui", "--base", str(tmp_path / "base"), "--backbone", str(tmp_path / "backbone"),
                 "--heads", str(tmp_path / "polite"), "--reward", "short=brevity", "vowels=regex:[aeiou]:count"]) == 0
     world, args = served["world"], served["args"]
@@ -225,7 +225,7 @@ def test_valuemix_demo_serves_the_app_by_default(monkeypatch):
     world = object()
     served = {}
     monkeypatch.setattr(valuemix.demo, "load_demo", lambda: world)
-    monkeypatch.setattr("valuemix.ui.cli.serve", lambda w, args: served.update(world=w, args=args))
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda w, args: served.update(world=w, args=args))
     assert cli(["demo", "--port", "7861", "--max-new-tokens", "32"]) == 0
     assert served["world"] is world
     assert (served["args"].host, served["args"].port, served["args"].max_new_tokens) == ("127.0.0.1", 7861, 32)

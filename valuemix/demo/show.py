@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..commands import Subcommand
-from ..options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
-from ..ui.cli import ServeArgs
+from valuemix.commands import Subcommand
+from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.ui_command import ServeArgs
 
 MIXES = ({}, {"helpful": 4.0}, {"harmless": 4.0}, {"cheerful": 4.0}, {"concise": 4.0}, {"unlearn": 6.0},
          {"cheerful": -4.0}, {"cheerful": 3.0, "concise": 3.0})
@@ -45,13 +45,13 @@ def make_demo_parser():
 
 def demo_main(argv=None) -> list[dict] | None:
     """Load the demo world and serve the slider app on it, or (--no-ui) print the table of mixes."""
-    from . import load_demo
+    from valuemix.demo import load_demo
 
     parsed = parse_args(make_demo_parser(), argv, "demo")
     args = fill_dataclass(DemoArgs, parsed)
     if not args.ui:
         return print_table(load_demo(), args)
-    from ..ui.cli import require_gradio, serve
+    from valuemix.ui_command import require_gradio, serve
 
     try:
         require_gradio()  # before loading the models
@@ -65,7 +65,7 @@ def demo_main(argv=None) -> list[dict] | None:
 
 def print_table(world, args: DemoArgs) -> list[dict]:
     """Generate every mix of MIXES on the first held-out prompts; print rewards, KL and replies."""
-    from .. import Mixer, generate
+    from valuemix import Mixer, generate
 
     prompts = world.prompts[:args.prompts]
     zero = {h: 0.0 for h in world.bank.heads}
@@ -81,7 +81,7 @@ def print_table(world, args: DemoArgs) -> list[dict]:
 
 
 def _request(prompt: str) -> str:
-    from .rewards import user_request
+    from valuemix.demo.rewards import user_request
 
     return user_request(prompt)
 

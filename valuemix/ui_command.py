@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..commands import DTYPES, Subcommand, _absolute_if_folder
-from ..options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.commands import DTYPES, Subcommand, _absolute_if_folder
+from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 UI_INSTALL = "pip install 'valuemix[ui]'"
 
@@ -47,6 +47,7 @@ class UiArgs:
     Attributes:
         base: the base model: a local folder or Hugging Face Hub id.
         backbone: the value backbone the heads were trained on: a folder or Hub id.
+        num_layers: use only the backbone's first N decoder layers (as the heads were trained; see their card).
         chat_template: wrap each prompt as a user message with the tokenizer's chat template.
         examples: a prompts file (.txt, .jsonl, .json) whose prompts are offered as examples.
         device: device to run the models on.
@@ -55,6 +56,7 @@ class UiArgs:
 
     base: str = field(metadata={"metavar": "ID_OR_PATH"})
     backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
+    num_layers: int | None = None
     chat_template: bool = False
     examples: str | None = field(default=None, metadata={"metavar": "FILE"})
     device: str = "cpu"
@@ -75,7 +77,7 @@ def require_gradio():
 
 
 def make_ui_parser():
-    from ..reward_specs import SPECS
+    from valuemix.reward_specs import SPECS
 
     parser = make_parser("valuemix ui", f"{__doc__}\nReward specs (--reward NAME=SPEC):\n{SPECS}")
     add_dataclass_arguments(parser, UiArgs)
@@ -92,7 +94,7 @@ def make_ui_parser():
 
 def serve(world, args: ServeArgs):
     """Build the app for `world` and serve it until interrupted."""
-    from .app import build_app, launch
+    from valuemix.ui.app import build_app, launch
 
     app = build_app(world, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
     print(f"valuemix: serving the slider app on http://{args.host}:{args.port} (Ctrl+C to stop)")
@@ -103,17 +105,18 @@ def ui_main(argv=None):
     """Load the base, the backbone and the heads, then serve the slider app."""
     import torch
 
-    from ..commands import load_base, read_prompts
-    from ..heads.bank import ValueBank
-    from ..reward_specs import parse_reward
-    from .logic import AppParts
+    from valuemix.commands import load_base, read_prompts
+    from valuemix.heads.bank import ValueBank
+    from valuemix.reward_specs import parse_reward
+    from valuemix.ui.logic import AppParts
 
     parsed: argparse.Namespace = parse_args(make_ui_parser(), argv, "ui")
     args, serving = fill_dataclass(UiArgs, parsed), fill_dataclass(ServeArgs, parsed)
     require_gradio()  # before loading any model
     examples = read_prompts(args.examples) if args.examples else []
     base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device)
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+                     num_layers=args.num_layers)
     bank.load_head([_absolute_if_folder(h) for h in parsed.heads])
     rewards = {}
     for text in parsed.reward or []:
