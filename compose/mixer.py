@@ -37,9 +37,10 @@ class Mixer(LogitsProcessor):
     output is exactly the base top-k scores. β_h < 0 pushes away from reward h.
 
     The mixer is a pure function of (input_ids, scores, weights) up to a float tolerance: called cold
-    on any input it gives the same candidates and added values within `compose.candidates.VALUE_ATOL` (1e-4) of a warm
-    call inside `generate` (its KV cache on the value backbone only saves work, and a sequence it has
-    not seen starts a new cache), but not bit for bit: cached and uncached forwards round differently. It composes with any other
+    on any input it gives the same candidates, and added values within `compose.candidates.VALUE_ATOL`
+    (1e-4) of a warm call inside `generate`. Its KV cache on the value backbone only saves work, and a
+    sequence it has not seen starts a new cache; but cached and uncached forwards round differently, so
+    the two agree to that tolerance, not bit for bit. It composes with any other
     processor (temperature, top-p, repetition penalty) in `generate`.
 
     Args:

@@ -275,7 +275,8 @@ def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | 
                    what="The value backbone")
         overrides = {} if num_layers is None else {"num_hidden_layers": num_layers}
         return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32, **overrides,
-                                         use_safetensors=True, attn_implementation="sdpa", quantization_config=quantized,
+                                         use_safetensors=True, attn_implementation="sdpa",
+                                         quantization_config=quantized,
                                          device_map={"": device or "cuda"} if quantized else None)
     except OSError as err:
         raise OSError(f"Could not load the value backbone {source!r}: {err}\nPass a local folder, or a Hub id that "

@@ -270,9 +270,9 @@ def score(samples: datasets.Dataset | str | os.PathLike, rewards: Mapping[str, R
           progress: bool = True) -> datasets.Dataset:
     """Add one float64 column per reward: `rewards[name](prompts, completions)` for every row.
 
-    `samples` is a Dataset or the folder it was saved to. A reward maps a batch of prompts and completions (lists of `batch_size` strings or fewer) to
-    one finite number per completion (rewards per completion, any scale). A column that already has
-    the reward's name is replaced. Row order is kept.
+    `samples` is a Dataset or the folder it was saved to. A reward maps a batch of prompts and
+    completions (lists of `batch_size` strings or fewer) to one finite number per completion (rewards
+    per completion, any scale). A column that already has the reward's name is replaced. Row order is kept.
     """
     samples = load_samples(samples)
     if not rewards:
