@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
@@ -20,6 +20,7 @@ from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
 from valuemix.heads.head_config import HeadConfig
 from valuemix.heads.memory import check_fits, quantization_config
 
+ADAPTER, VALUE = "adapter.", "value."  # key prefixes of a head's tensors in head_state / head_parameters
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -27,6 +28,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions (batch, seq) that count only real tokens, as `generate` does for left padding."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp_min(0)
+
+
+def few(items, n: int = 3) -> str:
+    """'a; b; c and 4 more' (or 'none'), for error messages."""
+    items = list(items)
+    if not items:
+        return "none"
+    return "; ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def backbone_probe(decoder: nn.Module) -> list[float]:
@@ -205,20 +214,37 @@ class ValueBank:
         return self.project(hidden.reshape(n, *input_ids.shape, -1), heads)
 
     # ------------------------------------------------------------- parameters
-    def head_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable parameters of one head: its LoRA matrices and its value layer."""
+    def head_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters of one head by name: "adapter.<parameter>" for its LoRA matrices (in the
+        backbone's order), then "value.weight" and "value.bias" for its value layer."""
         self.check_heads([name])
-        lora = [p for n, p in self.model.named_parameters() if f".{name}." in n and ".lora_" in n]
-        return lora + list(self.value_layers[name].parameters())
+        lora = {f"{ADAPTER}{n}": p for n, p in self.model.named_parameters() if f".{name}." in n and ".lora_" in n}
+        return lora | {f"{VALUE}{n}": p for n, p in self.value_layers[name].named_parameters()}
 
     def head_state(self, name: str) -> dict[str, torch.Tensor]:
-        """A copy of every tensor of one head, for saving and comparisons."""
-        from peft import get_peft_model_state_dict
-
-        state = {f"adapter.{k}": v.detach().clone() for k, v in
-                 get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False).items()}
-        state.update({f"value.{k}": v.detach().clone() for k, v in self.value_layers[name].state_dict().items()})
+        """A copy of every tensor of one head: "adapter.<key>" (peft's saved keys) and "value.<key>"."""
+        self.check_heads([name])
+        with self.lock:  # a consistent snapshot even while another thread trains or decodes
+            adapter = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
+            state = {f"{ADAPTER}{k}": v.detach().clone() for k, v in adapter.items()}
+            state.update({f"{VALUE}{k}": v.detach().clone() for k, v in self.value_layers[name].state_dict().items()})
         return state
+
+    def set_head_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors shaped as `head_state(name)` returns them into head `name`.
+
+        Raises ValueError naming the adapter keys that do not fit (extra or missing) and RuntimeError for
+        tensors of the wrong shape; the head may then be partly written, so callers discard it.
+        """
+        self.check_heads([name])
+        adapter = {k[len(ADAPTER):]: v for k, v in state.items() if k.startswith(ADAPTER)}
+        value = {k[len(VALUE):]: v for k, v in state.items() if k.startswith(VALUE)}
+        with self.lock:
+            result = set_peft_model_state_dict(self.model, adapter, adapter_name=name)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+            if result.unexpected_keys or missing:
+                raise ValueError(f"unexpected keys {few(result.unexpected_keys)}, missing keys {few(missing)}")
+            self.value_layers[name].load_state_dict(value)
 
     # -------------------------------------------------------------- files/hub
     def save_head(self, name: str, directory) -> str:

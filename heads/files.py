@@ -32,11 +32,12 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from peft import LoraConfig, PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from valuemix.heads.atomic import atomic_directory
+from valuemix.heads.bank import ADAPTER, VALUE, few
 from valuemix.heads.head_config import VALUEMIX_VERSION, HeadConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,11 +66,10 @@ def save_head(bank, name: str, directory: str | os.PathLike, *, repo_id: str | N
     config = replace(bank.configs[name], valuemix_version=VALUEMIX_VERSION)
     adapter_config = copy.deepcopy(bank.model.peft_config[name])
     adapter_config.inference_mode = True  # as peft's own save_pretrained writes it
-    with bank.lock:  # a consistent snapshot even while another thread trains or decodes
-        adapter_state = get_peft_model_state_dict(bank.model, adapter_name=name, save_embedding_layers=False)
-        adapter_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state.items()}
-        value_state = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
-                       for k, v in bank.value_layers[name].state_dict().items()}
+    state = bank.head_state(name)  # a consistent snapshot even while another thread trains or decodes
+    adapter_state = {k[len(ADAPTER):]: v.to("cpu").contiguous() for k, v in state.items() if k.startswith(ADAPTER)}
+    value_state = {k[len(VALUE):]: v.to("cpu", torch.float32).contiguous() for k, v in state.items()
+                   if k.startswith(VALUE)}
     card = head_card(config, source=repo_id or directory)
     with atomic_directory(directory) as tmp:
         adapter_config.save_pretrained(tmp)
@@ -142,10 +142,7 @@ def load_head(bank, source: str | os.PathLike, name: str | None = None, revision
     bank is left as it was.
     """
     folder, label = resolve_head_folder(source, revision=revision, token=token)
-    config = _read_head_config(folder, label)
-    lora_config = _read_adapter_config(folder, label)
-    adapter_state = _read_safetensors(folder, ADAPTER_WEIGHTS, label)
-    value_state = _read_safetensors(folder, VALUE_WEIGHTS, label)
+    config, lora_config, adapter_state, value_state = read_head_folder(folder, label)
     check_head_fits(bank, config)
     _check_value_state(value_state, bank.hidden_size, config.name, label)
     name = name or config.name
@@ -157,17 +154,17 @@ def load_head(bank, source: str | os.PathLike, name: str | None = None, revision
     with bank.lock:
         bank.add_head(name, lora=lora_config)
         try:
-            result = set_peft_model_state_dict(bank.model, adapter_state, adapter_name=name)
-            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
-            if result.unexpected_keys or missing:
-                raise ValueError(f"{ADAPTER_WEIGHTS} in {label} does not match {ADAPTER_CONFIG}: unexpected keys "
-                                 f"{_few(result.unexpected_keys)}, missing keys {_few(missing)}; re-save the head.")
-            bank.value_layers[name].load_state_dict(value_state)
+            bank.set_head_state(name, {f"{ADAPTER}{k}": v for k, v in adapter_state.items()}
+                                | {f"{VALUE}{k}": v for k, v in value_state.items()})
+        except ValueError as err:  # adapter keys that do not fit
+            bank.remove_head(name)
+            raise ValueError(f"{ADAPTER_WEIGHTS} in {label} does not match {ADAPTER_CONFIG}: {err}; re-save the "
+                             "head.") from err
         except RuntimeError as err:  # size mismatches from load_state_dict
             bank.remove_head(name)
             problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
             raise ValueError(f"{ADAPTER_WEIGHTS} in {label} does not fit the adapter described by "
-                             f"{ADAPTER_CONFIG} on this backbone ({_few(problems, 2)}); re-save the head.") from err
+                             f"{ADAPTER_CONFIG} on this backbone ({few(problems, 2)}); re-save the head.") from err
         except BaseException:
             bank.remove_head(name)
             raise
@@ -258,6 +255,18 @@ def bank_call(config: HeadConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------- readers
+def read_head_folder(folder: str, label: str | None = None):
+    """(HeadConfig, LoraConfig, adapter tensors, value tensors) of a head folder, every file checked.
+
+    `label` names the folder in error messages (default: "folder FOLDER"). Raises FileNotFoundError for a
+    missing file and ValueError for one that is corrupt; reads safetensors only.
+    """
+    label = label or f"folder {folder}"
+    config = _read_head_config(folder, label)
+    return (config, _read_adapter_config(folder, label), _read_safetensors(folder, ADAPTER_WEIGHTS, label),
+            _read_safetensors(folder, VALUE_WEIGHTS, label))
+
+
 def _check_files(folder: str, label: str) -> None:
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
     if HEAD_CONFIG in missing:
@@ -311,11 +320,3 @@ def _check_value_state(state: dict[str, torch.Tensor], hidden: int, head: str, l
         raise ValueError(f"{VALUE_WEIGHTS} in {label} holds {shapes} but the bank's value layer needs "
                          f"{{'weight': (1, {hidden}), 'bias': (1,)}}: head '{head}' does not fit this backbone "
                          f"(hidden size {hidden}).")
-
-
-def _few(items, n: int = 3) -> str:
-    """'a, b, c and 4 more' (or 'none')."""
-    items = list(items)
-    if not items:
-        return "none"
-    return "; ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -79,11 +79,7 @@ def check_head_folder(directory: str | os.PathLike):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"No head folder at {directory}: pass the folder given to bank.save_head(name, "
                                 "folder), or push a head of a bank with bank.push_head(name, repo_id).")
-    config = files._read_head_config(directory, label)  # also checks that every required file is there
-    files._read_adapter_config(directory, label)
-    for weights in (files.ADAPTER_WEIGHTS, files.VALUE_WEIGHTS):
-        files._read_safetensors(directory, weights, label)
-    return config
+    return files.read_head_folder(directory, label)[0]
 
 
 # ------------------------------------------------------------------------------------------ helpers

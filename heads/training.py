@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from valuemix.heads.atomic import atomic_directory
-from valuemix.heads.bank import ValueBank
+from valuemix.heads.bank import ADAPTER, VALUE, ValueBank
 from valuemix.heads.memory import explain_out_of_memory
 from valuemix.heads.sampling import load_samples
 
@@ -134,10 +133,12 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
     targets = (rewards - mean) / std
 
-    params = bank.head_parameters(name)
-    lora = params[:-2]
+    named = bank.head_parameters(name)
+    params = list(named.values())
+    lora = [p for key, p in named.items() if key.startswith(ADAPTER)]
+    value = [p for key, p in named.items() if key.startswith(VALUE)]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(
-        [{"params": lora, "lr": config.learning_rate}, {"params": params[-2:], "lr": config.value_learning_rate}],
+        [{"params": lora, "lr": config.learning_rate}, {"params": value, "lr": config.value_learning_rate}],
         weight_decay=config.weight_decay))  # prepared: fp16 loss scaling
     steps_per_epoch = math.ceil(len(targets) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -346,11 +347,7 @@ def _restore(bank, name, optimizer, directory: Path, data_size: int, fresh: dict
     if saved["head"] != name or saved["data_size"] != data_size:
         raise ValueError(f"The checkpoint in {directory} is for head '{saved['head']}' on {saved['data_size']} "
                          f"samples, not head '{name}' on {data_size}: use another checkpoint_dir or resume=False.")
-    head_state = load_file(str(directory / "head_state.safetensors"))
-    adapter = {k[len("adapter."):]: v for k, v in head_state.items() if k.startswith("adapter.")}
-    set_peft_model_state_dict(bank.model, adapter, adapter_name=name)
-    bank.value_layers[name].load_state_dict({k[len("value."):]: v for k, v in head_state.items()
-                                             if k.startswith("value.")})
+    bank.set_head_state(name, load_file(str(directory / "head_state.safetensors")))
     tensors = load_file(str(directory / "optimizer.safetensors"))
     opt_state: dict = {}
     for key, value in tensors.items():

@@ -218,7 +218,7 @@ def training_throughput(bank, samples, reward: str, repeats: int = 2, epochs: in
 def head_bytes(bank, name: str) -> dict:
     """Bytes one head adds: the size of its saved adapter + value layer safetensors (bank.save_head) when
     that works, else the bytes of its parameters. Both numbers are given when available."""
-    params = bank.head_parameters(name)
+    params = list(bank.head_parameters(name).values())
     out = dict(head=name, parameters=sum(p.numel() for p in params),
                parameter_bytes=sum(p.numel() * p.element_size() for p in params))
     try:

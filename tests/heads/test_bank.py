@@ -142,3 +142,21 @@ def test_a_head_of_a_cut_backbone_refuses_the_whole_backbone(tok, tmp_path):
 def test_bad_num_layers(tok, num_layers, message):
     with pytest.raises(ValueError, match=message):
         vm.ValueBank(build_model("llama", len(tok)), tok, num_layers=num_layers)
+
+
+def test_head_parameters_are_named_lora_first_then_the_value_layer(tok):
+    bank = make_bank(tok)
+    names = list(bank.head_parameters("helpful"))
+    assert names[-2:] == ["value.weight", "value.bias"]
+    assert names[:-2] and all(n.startswith("adapter.") and ".lora_" in n and ".helpful." in n for n in names[:-2])
+
+
+def test_set_head_state_round_trips_and_names_keys_that_do_not_fit(tok):
+    bank = make_bank(tok)
+    ids = tok(TEXTS[:1], return_tensors="pt").input_ids
+    helpful, concise = bank.head_state("helpful"), bank.values(ids, heads=["concise"])
+    bank.set_head_state("concise", {k.replace(".helpful.", ".concise."): v for k, v in helpful.items()})
+    assert torch.equal(bank.values(ids, heads=["concise"]), bank.values(ids, heads=["helpful"]))
+    assert not torch.equal(bank.values(ids, heads=["concise"]), concise)
+    with pytest.raises(ValueError, match=r"unexpected keys base_model\.nowhere\.lora_A\.weight, missing keys none"):
+        bank.set_head_state("helpful", helpful | {"adapter.base_model.nowhere.lora_A.weight": torch.zeros(1)})

@@ -42,7 +42,7 @@ def randomise(bank, name, seed=1):
     """Make a head non-trivial: random LoRA matrices (lora_B starts at zero) and value layer."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in bank.head_parameters(name):
+        for p in bank.head_parameters(name).values():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 

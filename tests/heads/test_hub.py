@@ -141,7 +141,7 @@ def bank(backbone_dir):
                   data_size=128, metrics={"final_loss": 0.125, "steps": 32})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in bank.head_parameters("helpful"):
+        for p in bank.head_parameters("helpful").values():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     return bank
 
