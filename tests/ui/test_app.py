@@ -160,13 +160,15 @@ def test_the_http_api_returns_the_text_rewards_and_kl(url, parts):
     assert same[0] == text
 
 
-def test_api_errors_are_messages_and_the_app_stays_up(url):
+def test_api_errors_are_messages_and_the_app_stays_up(url, parts):
     client = Client(url, verbose=False)
     with pytest.raises(AppError, match="Unknown head 'polite'. Heads in this app: helpful, concise."):
         client.predict("the cat sat", {"polite": 1.0}, 12, 0, api_name="/generate")
     with pytest.raises(AppError, match="max_new_tokens must be between 1 and 256"):
         client.predict("the cat sat", {}, 1000, 0, api_name="/generate")
-    assert client.predict("the cat sat", {}, 4, 0, api_name="/generate")[0] is not None
+    text, result = client.predict("the cat sat", {}, 4, 0, api_name="/generate")
+    expected = run_mix_once(parts, validate_request(parts, "the cat sat", {}, 4, 0))
+    assert text == expected.mixed.text and result["weights"] == {"helpful": 0.0, "concise": 0.0}
 
 
 def test_concurrent_api_calls_each_get_their_own_mix(url, monkeypatch):
