@@ -43,12 +43,11 @@ def world(tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[:100])
     shutil.copytree(root / "helpful", root / "not_json")
     (root / "not_json" / "head_config.json").write_text('{"name": "helpful", ')
-    samples = vm.sample_base(build_model("llama", len(tokenizer), seed=0), tokenizer,
-                             ["hello world"], n_per_prompt=2, max_new_tokens=4, progress=False)
+    base = build_model("llama", len(tokenizer), seed=0)
+    samples = vm.sample_base(base, tokenizer, ["hello world"], n_per_prompt=2, max_new_tokens=4, progress=False)
     samples.save_to_disk(root / "samples")
     (root / "nan_reward.py").write_text(NAN_REWARD)
-    return {"root": root, "tokenizer": tokenizer, "base": build_model("llama", len(tokenizer), seed=0),
-            "bank": bank, "samples": samples}
+    return {"root": root, "tokenizer": tokenizer, "base": base, "bank": bank, "samples": samples}
 
 
 # case id -> (what is wrong, the message that must name it and the fix)
@@ -125,19 +124,19 @@ def test_python(world, case):
 # --- the command line --------------------------------------------------------------------------------------
 
 
+def generate_args(root, prompt="hello world", mix="helpful=1", tokens="4", seed="0", heads="helpful",
+                  backbone="backbone"):
+    """`valuemix generate` on the tiny world, with one setting changed."""
+    return ["generate", "--base", str(root / "backbone"), "--backbone", str(root / backbone), "--heads",
+            str(root / heads), "--prompt", prompt, "--mix", mix, "--max-new-tokens", tokens, "--seed", seed]
+
+
 def cli_args(case, world):
     """`valuemix ...` arguments that make `case`'s mistake."""
     root = world["root"]
-    generate = ["generate", "--base", str(root / "backbone"), "--backbone", str(root / "backbone"),
-                "--heads", str(root / "helpful")]
 
-    def run(prompt="hello world", mix="helpful=1", tokens="4", seed="0", heads=None, backbone=None):
-        args = list(generate)
-        if heads:
-            args[args.index("--heads") + 1] = str(root / heads)
-        if backbone:
-            args[args.index("--backbone") + 1] = str(root / backbone)
-        return args + ["--prompt", prompt, "--mix", mix, "--max-new-tokens", tokens, "--seed", seed]
+    def run(**setting):
+        return generate_args(root, **setting)
 
     return {
         "empty prompt": run(prompt=""),
@@ -184,10 +183,7 @@ def test_command_line(world, case, capsys):
 
 def test_the_command_line_generates_with_a_mix(world, capsys):
     """The same command with good input prints each reply and its KL (the refusals above are not the only path)."""
-    args = cli_args("unknown head", world)
-    args[args.index("--mix") + 1] = "helpful=2"
-    rows = cli(args + ["--json"])
-    assert rows == 0
+    assert cli(generate_args(world["root"], mix="helpful=2") + ["--json"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and '"prompt": "hello world"' in lines[0] and '"kl": ' in lines[0]
 

@@ -66,10 +66,10 @@ def parse_mix(items: list[str]) -> dict[str, float]:
     for item in items:
         name, _, beta = item.partition("=")
         try:
-            weights[name.strip() or None] = float(beta)
+            weights[name.strip()] = float(beta)
         except ValueError:
-            weights[None] = None
-        if None in weights:
+            name = ""
+        if not name.strip():
             raise ValueError(f"--mix {item!r} is not NAME=BETA with a number for BETA: write e.g. --mix concise=2.")
     return weights
 
