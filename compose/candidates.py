@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from valuemix.heads.bank import ValueBank, position_ids_from_mask
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.tokens import position_ids_from_mask, real_token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,6 @@ logger = logging.getLogger(__name__)
 # at a time) agree within this absolute tolerance, not bit for bit: float32 forwards of different shapes round
 # differently, and differently on different CPUs. The candidate set (the top-k of the scores) is always the same.
 VALUE_ATOL = 1e-4
-
-
-def real_token_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """(batch, seq) 1 for real tokens, 0 for left padding (a leading run of pad tokens)."""
-    if pad_token_id is None:
-        return torch.ones_like(input_ids)
-    return ((input_ids != pad_token_id).long().cumsum(-1) > 0).long()
 
 
 class CandidateScorer:

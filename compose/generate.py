@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from valuemix.heads.bank import position_ids_from_mask
-from valuemix.heads.sampling import check_context, check_whole_number, eos_ids
+from valuemix.heads.sampling import check_context, check_whole_number
+from valuemix.heads.tokens import encode_prompts, eos_ids, position_ids_from_mask
 from valuemix.compose.mixer import Mixer
 
 
@@ -63,26 +63,6 @@ def step_kl(mixed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     log_q = torch.log_softmax(reference.float(), dim=-1)
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = False):
-    """Left-padded `input_ids`, `attention_mask` for the prompts; rejects empty prompts by index."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("No prompts given: pass a list of one or more prompt strings.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"Prompt {i} is empty ({prompt!r}): every prompt needs some text.")
-    if chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token, needed to batch prompts: "
-                         "set tokenizer.pad_token = tokenizer.eos_token.")
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=not chat_template)
-    return list(prompts), enc["input_ids"], enc["attention_mask"]
 
 
 def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None, *, max_new_tokens: int = 64,

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from valuemix.heads.bank import ValueBank, position_ids_from_mask
-from valuemix.heads.sampling import eos_ids
-from valuemix.compose.generate import Generation, encode_prompts, step_kl
+from valuemix.compose.generate import Generation, step_kl
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.tokens import encode_prompts, eos_ids, position_ids_from_mask
 
 
 @torch.inference_mode()

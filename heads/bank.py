@@ -14,20 +14,15 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
+from valuemix.heads.fingerprint import backbone_probe, describe_tokenizer, tokenizer_fingerprint
 from valuemix.heads.head_config import HeadConfig
-from valuemix.heads.memory import check_fits, quantization_config
+from valuemix.heads.loading import keep_first_layers, load_decoder
+from valuemix.heads.tokens import position_ids_from_mask
 
 ADAPTER, VALUE = "adapter.", "value."  # key prefixes of a head's tensors in head_state / head_parameters
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions (batch, seq) that count only real tokens, as `generate` does for left padding."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp_min(0)
 
 
 def few(items, n: int = 3) -> str:
@@ -36,13 +31,6 @@ def few(items, n: int = 3) -> str:
     if not items:
         return "none"
     return "; ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def backbone_probe(decoder: nn.Module) -> list[float]:
-    """A few weights of the backbone, to tell one checkpoint from another (tolerant to dtype)."""
-    names = sorted(n for n, _ in decoder.named_parameters() if "lora_" not in n)
-    tensors = dict(decoder.named_parameters())
-    return [float(v) for n in names[:: max(1, len(names) // 8)] for v in tensors[n].detach().flatten()[:4].float()]
 
 
 class ValueBank:
@@ -274,36 +262,3 @@ class ValueBank:
         return f"ValueBank(backbone={self.backbone_id!r}, heads={self.heads})"
 
 
-def keep_first_layers(decoder: nn.Module, num_layers: int) -> None:
-    """Cut a decoder (Llama/Qwen2-style `layers` or GPT-2-style `h`) to its first `num_layers` layers, in place."""
-    stack = next((getattr(decoder, a) for a in ("layers", "h") if isinstance(getattr(decoder, a, None), nn.ModuleList)),
-                 None)
-    if stack is None:
-        raise ValueError(f"Cannot find the decoder layers of {type(decoder).__name__} to keep the first {num_layers}; "
-                         "load the backbone by folder or Hub id with num_layers= instead.")
-    if num_layers > len(stack):
-        raise ValueError(f"num_layers={num_layers} but the backbone has only {len(stack)} decoder layers.")
-    del stack[num_layers:]
-    decoder.config.num_hidden_layers = num_layers
-
-
-def load_decoder(source: str, revision: str | None = None, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None, quantization: str | None = None,
-                 num_layers: int | None = None) -> PreTrainedModel:
-    """Load a model's decoder without its LM head (safetensors only, no remote code).
-
-    `num_layers` loads only the first decoder layers (a config override: the later layers' weights are skipped).
-    Checks first that its weights fit in the device's free memory (MemoryError saying what to do).
-    """
-    quantized = quantization_config(quantization)
-    try:
-        check_fits(source, dtype, device or ("cuda" if quantized else "cpu"), quantization, revision=revision,
-                   what="The value backbone")
-        overrides = {} if num_layers is None else {"num_hidden_layers": num_layers}
-        return AutoModel.from_pretrained(source, revision=revision, dtype=dtype or torch.float32, **overrides,
-                                         use_safetensors=True, attn_implementation="sdpa",
-                                         quantization_config=quantized,
-                                         device_map={"": device or "cuda"} if quantized else None)
-    except OSError as err:
-        raise OSError(f"Could not load the value backbone {source!r}: {err}\nPass a local folder, or a Hub id that "
-                      "is reachable or already in the Hugging Face cache.") from err

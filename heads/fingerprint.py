@@ -1,10 +1,12 @@
-"""Tokenizer fingerprints: a short hash that tells whether two tokenizers map text to the same ids."""
+"""Fingerprints: short hashes and probes that tell tokenizers, models and backbones apart (cheap, not full hashes)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import weakref
+
+from torch import nn
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocab size, fingerprint)
 
@@ -33,3 +35,28 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def describe_tokenizer(tokenizer) -> str:
     """`name (fingerprint)` for error messages."""
     return f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} ({tokenizer_fingerprint(tokenizer)})"
+
+
+def model_name(model) -> str:
+    """`config._name_or_path` of a model, or its class name when it was built in memory."""
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def weights_fingerprint(model, n_tensors: int = 8) -> str:
+    """A 16-hex hash of the shapes of all parameters and the sums of a few of them (cheap; not a full hash)."""
+    params = list(model.named_parameters())
+    step = max(1, len(params) // n_tensors)
+    picked = params[::step][:n_tensors] + params[-1:]
+    payload = {
+        "shapes": [(name, list(p.shape), str(p.dtype)) for name, p in params],
+        "sums": [(name, float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
+                 for name, p in picked],
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def backbone_probe(decoder: nn.Module) -> list[float]:
+    """A few weights of the backbone, to tell one checkpoint from another (tolerant to dtype)."""
+    names = sorted(n for n, _ in decoder.named_parameters() if "lora_" not in n)
+    tensors = dict(decoder.named_parameters())
+    return [float(v) for n in names[:: max(1, len(names) // 8)] for v in tensors[n].detach().flatten()[:4].float()]

@@ -22,10 +22,12 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
-from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification
+
+from valuemix.heads.fingerprint import model_name
+from valuemix.heads.loading import load_model
 
 __all__ = [
     "Reward",
@@ -38,8 +40,6 @@ __all__ = [
     "EmbeddingSimilarity",
     "Sentiment",
     "Harmlessness",
-    "ModelNotFoundError",
-    "load_model",
 ]
 
 ON = ("completion", "prompt+completion")
@@ -158,66 +158,11 @@ class Keywords(Regex):
         self.description = self._describe(f"{self.words} ({options})", "keywords")
 
 
-# --------------------------------------------------------------------------- model loading
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model given by path or Hub id could not be found locally nor downloaded."""
-
-
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-def load_model(model, auto_class=AutoModel, tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None):
-    """`(model, tokenizer)` in eval mode on `device`, from a folder, a Hub id, a pair, or a model + `tokenizer`.
-
-    Folders and Hub ids are loaded in `dtype` (default float32) with `auto_class.from_pretrained(...,
-    use_safetensors=True)` (never with remote code) and `AutoTokenizer`; Hub ids come from the local cache when
-    `HF_HUB_OFFLINE=1`. Raises `ModelNotFoundError` saying what to do when the model is missing.
-    """
-    if isinstance(model, tuple):
-        model, tokenizer = model
-    if isinstance(model, (str, os.PathLike)):
-        name = os.fspath(model)
-        if not os.path.isdir(name) and (isinstance(model, os.PathLike) or _looks_like_path(name)):
-            raise ModelNotFoundError(
-                f"Model folder {name!r} does not exist. Pass a folder written by save_pretrained "
-                "or a Hugging Face Hub id such as 'org/name'."
-            )
-        try:
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
-            model = auto_class.from_pretrained(name, use_safetensors=True, dtype=dtype or torch.float32)
-        except OSError as err:
-            if os.path.isdir(name) or _in_hub_cache(name):
-                raise  # found, but broken (e.g. no safetensors weights): transformers says why
-            hub = ("the Hub cannot be reached (HF_HUB_OFFLINE=1)" if is_offline_mode()
-                   else f"it could not be downloaded from the Hub ({err})")
-            raise ModelNotFoundError(
-                f"Model {name!r} is not a local folder and is not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}), and {hub}. Download it first with "
-                f"`hf download {name}` on a machine that reaches the Hub, or pass a local path."
-            ) from err
-    elif tokenizer is None:
-        raise ValueError(f"{type(model).__name__} was passed without a tokenizer; pass tokenizer=... "
-                         "or a (model, tokenizer) pair")
-    return model.to(device).eval(), tokenizer
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _model_name(model) -> str:
-    return getattr(model.config, "name_or_path", "") or type(model).__name__
 
 
 def _check_on(on: str) -> str:
@@ -249,7 +194,7 @@ class ClassifierProbability(Reward):
         self.on, self.batch_size, self.device, self.max_length = on, batch_size, device, max_length
         self.index = self._label_index(label)
         self.multi_label = self.model.config.problem_type == "multi_label_classification"
-        self.description = f"P({self.model.config.id2label[self.index]!r} | {on}) from {_model_name(self.model)}"
+        self.description = f"P({self.model.config.id2label[self.index]!r} | {on}) from {model_name(self.model)}"
 
     def _label_index(self, label: str | int) -> int:
         id2label = {int(i): name for i, name in self.model.config.id2label.items()}
@@ -259,7 +204,7 @@ class ClassifierProbability(Reward):
         exact = [i for i in matches if id2label[i] == label]
         if exact or len(matches) == 1:
             return (exact or matches)[0]
-        raise ValueError(f"Unknown label {label!r} for {_model_name(self.model)}; its labels are "
+        raise ValueError(f"Unknown label {label!r} for {model_name(self.model)}; its labels are "
                          + ", ".join(f"{i}: {name!r}" for i, name in sorted(id2label.items())))
 
     @torch.inference_mode()
@@ -291,14 +236,14 @@ class RewardModel(Reward):
         self.batch_size, self.device, self.max_length = batch_size, device, max_length
         num_labels = self.model.config.num_labels
         if index is None and num_labels != 1:
-            raise ValueError(f"{_model_name(self.model)} has {num_labels} outputs, not a single score; "
+            raise ValueError(f"{model_name(self.model)} has {num_labels} outputs, not a single score; "
                              "pass index=<the output that is the reward> or use ClassifierProbability")
         self.index = 0 if index is None else index
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # the model finds each row's last token by it
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.description = f"reward model score from {_model_name(self.model)}"
+        self.description = f"reward model score from {model_name(self.model)}"
 
     def format(self, prompt: str, completion: str) -> str:
         """The text the reward model reads for one pair (chat template when the tokenizer has one)."""
@@ -339,7 +284,7 @@ class EmbeddingSimilarity(Reward):
         self.target = description
         self.target_embedding = None if description is None else self.embed([description])[0]
         what = "the prompt" if description is None else repr(description)
-        self.description = f"embedding similarity of the {on} to {what} ({_model_name(self.model)})"
+        self.description = f"embedding similarity of the {on} to {what} ({model_name(self.model)})"
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:

@@ -28,9 +28,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from valuemix.heads.atomic import atomic_directory
-from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
-from valuemix.heads.memory import explain_out_of_memory
+from valuemix.heads.fingerprint import describe_tokenizer, model_name, tokenizer_fingerprint, weights_fingerprint
+from valuemix.heads.loading import explain_out_of_memory
 from valuemix.heads.processes import process_state
+from valuemix.heads.tokens import eos_ids, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +66,6 @@ _UNNEUTRAL = ("top_h", "bad_words_ids", "suppress_tokens", "begin_suppress_token
               "watermarking_config")
 SAMPLING_ADVICE = "lower batch_size or max_new_tokens, or load the base model in bfloat16"
 _CACHE_FORMAT = 2  # 2: one seed per batch
-
-
-def model_name(model) -> str:
-    """`config._name_or_path` of a model, or its class name when it was built in memory."""
-    return getattr(model.config, "_name_or_path", "") or type(model).__name__
-
-
-def weights_fingerprint(model, n_tensors: int = 8) -> str:
-    """A 16-hex hash of the shapes of all parameters and the sums of a few of them (cheap; not a full hash)."""
-    params = list(model.named_parameters())
-    step = max(1, len(params) // n_tensors)
-    picked = params[::step][:n_tensors] + params[-1:]
-    payload = {
-        "shapes": [(name, list(p.shape), str(p.dtype)) for name, p in params],
-        "sums": [(name, float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
-                 for name, p in picked],
-    }
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, max_new_tokens: int = 64,
@@ -127,12 +110,7 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
                          f"it has token id {max_id} but the model embeds only {n_embeddings} tokens; "
                          "load the tokenizer saved with the model")
 
-    if chat_template:  # the template writes the special tokens itself
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        encoded = tokenizer(prompts)["input_ids"]
+    encoded = tokenize_prompts(tokenizer, prompts, chat_template)
     check_context(base, [len(ids) for ids in encoded], max_new_tokens)
     settings = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                     max_new_tokens=int(max_new_tokens), seed=int(seed), chat_template=bool(chat_template),
@@ -199,14 +177,6 @@ def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, wha
         raise ValueError(f"Prompt {row} is {prompt_lengths[row]} tokens long and max_new_tokens is {max_new_tokens}: "
                          f"{prompt_lengths[row] + max_new_tokens} tokens do not fit in {what}'s context of {limit} "
                          f"tokens ({model_name(model)}). Shorten the prompt or lower max_new_tokens.")
-
-
-def eos_ids(base, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any EOS ids in the model's generation_config (chat models often have two)."""
-    ids = {tokenizer.eos_token_id}
-    model_eos = getattr(base.generation_config, "eos_token_id", None)
-    ids.update(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state) -> list[dict]:

@@ -30,7 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.bank import ADAPTER, VALUE, ValueBank
-from valuemix.heads.memory import explain_out_of_memory
+from valuemix.heads.loading import explain_out_of_memory
 from valuemix.heads.sampling import load_samples
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import torch
 
-from valuemix.compose.generate import encode_prompts, generate
+from valuemix.compose.generate import generate
 from valuemix.compose.mixer import Mixer, coefficient_problem
+from valuemix.heads.tokens import encode_prompts
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
 MAX_PROMPT_CHARS = 4000

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import NamedTuple
 from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("8bit", "4bit")  # heads.memory.QUANTIZATIONS, without importing torch for --help
+QUANTIZATIONS = ("8bit", "4bit")  # heads.loading.QUANTIZATIONS, without importing torch for --help
 REWARDS_FILE = "valuemix_rewards.json"  # beside a scored dataset: what each reward column measures
 
 
@@ -89,6 +88,8 @@ def sample_main(argv=None) -> str:
     args = fill_dataclass(SampleArgs, parse_args(parser, argv, "sample"))
     prompts = read_prompts(args.prompts)
     args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
+    from valuemix.heads.loading import load_base
+
     base, tokenizer = load_base(args.base, resolve_device(args.device), args.dtype)
     samples = sample_base(base, tokenizer, prompts, n_per_prompt=args.n_per_prompt,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -161,29 +162,6 @@ def read_prompts(path: str) -> list[str]:
 
 def _no_prompts(path):
     raise ValueError(f"{path} holds no prompts.")
-
-
-def load_base(source: str, device: str = "cpu", dtype: str = "float32"):
-    """(causal LM, tokenizer) from a folder or Hub id, safetensors only; a missing pad token becomes EOS.
-
-    Refuses, before loading, a model whose weights do not fit in the device's free memory.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from valuemix.heads.memory import check_fits
-    from valuemix.heads.rewards import load_model
-
-    try:
-        check_fits(source, getattr(torch, dtype), device, what="The base model")
-    except OSError:
-        pass  # not found: load_model says what to do
-    model, tokenizer = load_model(source, AutoModelForCausalLM, device=device, dtype=getattr(torch, dtype))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        print(f"note: {source} has no pad token; using its EOS token {tokenizer.eos_token!r} for padding",
-              file=sys.stderr)
-    return model, tokenizer
 
 
 def save_dataset(dataset, out: str, rewards: dict | None = None) -> str:

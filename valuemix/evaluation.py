@@ -14,10 +14,11 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from valuemix.commands import Subcommand, load_base, read_prompts
+from valuemix.commands import Subcommand, read_prompts
 from valuemix.compose.evaluate import EvalConfig, evaluate, head_evaluation
 from valuemix.compose.plots import plot_report
 from valuemix.heads.atomic import atomic_directory
+from valuemix.heads.loading import load_base
 from valuemix.options import add_dataclass_arguments, make_parser, parse_args
 
 

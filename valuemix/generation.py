@@ -78,10 +78,11 @@ def generate_main(argv=None) -> list[dict]:
     """Load the base, the backbone and the heads; print the mixed reply to every prompt."""
     import torch
 
-    from valuemix.commands import load_base, read_prompts
+    from valuemix.commands import read_prompts
     from valuemix.compose.generate import generate
     from valuemix.compose.mixer import Mixer
     from valuemix.heads.bank import ValueBank
+    from valuemix.heads.loading import load_base
 
     args = fill_dataclass(GenerateArgs, parse_args(make_generate_parser(), argv, "generate"))
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])

@@ -199,7 +199,8 @@ def run(config: RecipeConfig, task: Callable, smoke: Callable | None = None, nam
     """prompts → base samples → rewards → heads → evaluation → (Hub); returns folders, timings and URLs."""
     import torch
 
-    from valuemix.commands import load_base, resolve_device
+    from valuemix.commands import resolve_device
+    from valuemix.heads.loading import load_base
     from valuemix.heads.bank import ValueBank
     from valuemix.heads.sampling import sample_base, score
     from valuemix.heads.training import TrainConfig, train_head
@@ -419,7 +420,7 @@ def _classifier(source, config: RecipeConfig):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from valuemix.heads.rewards import load_model
+    from valuemix.heads.loading import load_model
 
     return load_model(source, AutoModelForSequenceClassification, device=config.device,
                       dtype=getattr(torch, config.dtype))

@@ -105,7 +105,8 @@ def ui_main(argv=None):
     """Load the base, the backbone and the heads, then serve the slider app."""
     import torch
 
-    from valuemix.commands import load_base, read_prompts
+    from valuemix.commands import read_prompts
+    from valuemix.heads.loading import load_base
     from valuemix.heads.bank import ValueBank
     from valuemix.reward_specs import parse_reward
     from valuemix.ui.logic import AppParts

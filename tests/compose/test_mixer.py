@@ -8,7 +8,8 @@ from conftest import assert_same_mix, brute_force_values, build_model, build_tok
 from transformers import LogitsProcessor, TopKLogitsWarper
 
 import valuemix as vm
-from valuemix.compose.candidates import VALUE_ATOL, real_token_mask
+from valuemix.compose.candidates import VALUE_ATOL
+from valuemix.heads.tokens import real_token_mask
 
 PROMPTS = ["hello world", "the cat sat on the mat and the dog"]  # different lengths: left padding
 

@@ -20,13 +20,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from valuemix.heads.loading import ModelNotFoundError
 from valuemix.heads.rewards import (
     ClassifierProbability,
     EmbeddingSimilarity,
     Harmlessness,
     Keywords,
     Length,
-    ModelNotFoundError,
     Regex,
     RewardModel,
     Sentiment,

@@ -8,7 +8,7 @@ from conftest import build_model, build_tokenizer
 from transformers import AutoModel
 
 import valuemix as vm
-from valuemix.heads.memory import check_fits, explain_out_of_memory, quantization_config, weights_bytes
+from valuemix.heads.loading import check_fits, explain_out_of_memory, quantization_config, weights_bytes
 
 
 @pytest.fixture(scope="module")

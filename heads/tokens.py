@@ -1,0 +1,66 @@
+"""Token helpers shared by sampling, decoding and scoring: chat prompts, left-padded batches, positions, EOS ids.
+
+Prompts are plain text everywhere in valuemix; `chat_template=True` is the one switch that wraps each
+as a user message under the tokenizer's chat template, and `prompt_texts` is the one place that does it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user message under the tokenizer's chat template, with the generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_texts(tokenizer, prompts: Sequence[str], chat_template: bool = False) -> list[str]:
+    """The texts the tokenizer sees: the plain prompts, or each under the chat template."""
+    return [chat_prompt(tokenizer, p) for p in prompts] if chat_template else list(prompts)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = False) -> list[list[int]]:
+    """Token ids of each prompt, no padding (the chat template writes its own special tokens)."""
+    return tokenizer(prompt_texts(tokenizer, prompts, chat_template), add_special_tokens=not chat_template)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = False):
+    """(texts fed to the tokenizer, left-padded `input_ids`, `attention_mask`); rejects empty prompts by index."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("No prompts given: pass a list of one or more prompt strings.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"Prompt {i} is empty ({prompt!r}): every prompt needs some text.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token, needed to batch prompts: "
+                         "set tokenizer.pad_token = tokenizer.eos_token.")
+    texts = prompt_texts(tokenizer, prompts, chat_template)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=not chat_template)
+    return texts, enc["input_ids"], enc["attention_mask"]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (batch, seq) that count only real tokens, as `generate` does for left padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+def real_token_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(batch, seq) 1 for real tokens, 0 for left padding (a leading run of pad tokens)."""
+    if pad_token_id is None:
+        return torch.ones_like(input_ids)
+    return ((input_ids != pad_token_id).long().cumsum(-1) > 0).long()
+
+
+def eos_ids(base, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any EOS ids in the model's generation_config (chat models often have two)."""
+    ids = {tokenizer.eos_token_id}
+    model_eos = getattr(base.generation_config, "eos_token_id", None)
+    ids.update(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])
+    return sorted(i for i in ids if i is not None)
