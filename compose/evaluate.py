@@ -35,6 +35,7 @@ class EvalConfig:
         samples_per_prompt: completions per prompt for each coefficient setting.
         best_of: the largest N of Best-of-N; N = 1, 2, 4, … up to it, from `best_of` samples per prompt.
         max_new_tokens, top_k, temperature: sampling settings shared by the mixer and π_ref.
+        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
         batch_size: prompts × samples decoded together.
         seed: sampling seed.
     """
@@ -47,6 +48,7 @@ class EvalConfig:
     max_new_tokens: int = 48
     top_k: int = 20
     temperature: float = 1.0
+    chat_template: bool = False
     batch_size: int = 32
     seed: int = 0
 
@@ -101,7 +103,8 @@ def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: 
              config: EvalConfig | None = None, heads: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Sweep each head's coefficient (and a two-head grid) and compare with Best-of-N from π_ref.
 
-    prompts: texts ready for the tokenizer (e.g. chat-formatted). rewards: name -> reward; a head
+    prompts: plain prompts (`config.chat_template` formats them for the model; rewards read them plain).
+    rewards: name -> reward; a head
     is compared with Best-of-N on the reward of the same name. Returns a JSON-ready dict with
     `settings`, `best_of_n` (per reward: N, mean reward, KL, seconds per completion) and `summary`.
     """
@@ -117,14 +120,7 @@ def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: 
     results = []
     for weights in settings:
         bar.set_postfix_str(", ".join(f"{h}={b:g}" for h, b in weights.items() if b) or "base")
-        mixer = Mixer(bank, weights, top_k=config.top_k, tokenizer=tokenizer)
-        texts, kls, seconds = _sample(base, tokenizer, prompts, config.samples_per_prompt, config, mixer)
-        repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
-        scores = {name: np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), -1)
-                  for name, fn in rewards.items()}
-        results.append(Setting(weights, {name: float(s.mean()) for name, s in scores.items()}, float(np.mean(kls)),
-                               seconds, texts[:: config.samples_per_prompt],
-                               {name: standard_error(s.mean(axis=1)) for name, s in scores.items()}))
+        results.append(measure_mix(base, tokenizer, bank, prompts, weights, rewards, config))
         bar.update(1)
     bar.set_postfix_str(f"Best-of-{config.best_of} from π_ref")
     best_of_n = _best_of_n(base, tokenizer, prompts, rewards, config)
@@ -136,6 +132,23 @@ def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: 
     return report
 
 
+def measure_mix(base, tokenizer, bank: ValueBank, prompts: Sequence[str], weights: Mapping[str, float],
+                rewards: Mapping[str, Reward], config: EvalConfig | None = None) -> Setting:
+    """Decode `config.samples_per_prompt` completions per prompt under one mix; their mean rewards, KL and cost.
+
+    The `Setting`'s `samples` hold the first completion of each prompt (every completion with one per prompt).
+    """
+    config = config or EvalConfig()
+    n = config.samples_per_prompt
+    mixer = Mixer(bank, weights, top_k=config.top_k, tokenizer=tokenizer)
+    texts, kls, seconds = _sample(base, tokenizer, prompts, n, config, mixer)
+    repeated = [p for p in prompts for _ in range(n)]
+    scores = {name: np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), -1)
+              for name, fn in rewards.items()}
+    return Setting(dict(weights), {name: float(s.mean()) for name, s in scores.items()}, float(np.mean(kls)), seconds,
+                   texts[::n], {name: standard_error(s.mean(axis=1)) for name, s in scores.items()})
+
+
 def _sample(base, tokenizer, prompts, n, config, mixer):
     """(texts, KL per completion, decode seconds per completion) for n completions of each prompt."""
     repeated = [p for p in prompts for _ in range(n)]
@@ -145,7 +158,8 @@ def _sample(base, tokenizer, prompts, n, config, mixer):
         began = time.perf_counter()
         processors = [] if mixer is not None else [TopKLogitsWarper(top_k=config.top_k)]
         out = generate(base, tokenizer, batch, mixer, max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature, seed=config.seed + start, logits_processors=processors)
+                       temperature=config.temperature, seed=config.seed + start, logits_processors=processors,
+                       chat_template=config.chat_template)
         seconds += time.perf_counter() - began
         texts += out.texts
         kls += out.kl

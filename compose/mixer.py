@@ -100,12 +100,18 @@ class Mixer(LogitsProcessor):
         values = self._scorer(heads)(input_ids, candidates).to(scores.device) if heads else None
         return candidates, top_scores, values
 
+    def contributions(self, values: torch.Tensor) -> torch.Tensor:
+        """Each active head's addition to its candidates' scores, β_h·(V_h(s·a) − mean_a' V_h(s·a')).
+
+        values: (n_active, batch, k) from `candidate_values`; returns the same shape (sum over heads: the shift).
+        """
+        beta = torch.tensor([self.weights[h] for h in self.active_heads], device=values.device, dtype=values.dtype)
+        return beta[:, None, None] * (values - values.mean(dim=-1, keepdim=True))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         candidates, top_scores, values = self.candidate_values(input_ids, scores)
         if values is not None:
-            beta = torch.tensor([self.weights[h] for h in self.active_heads], device=scores.device)
-            centred = values - values.mean(dim=-1, keepdim=True)  # V_h(s·a) − mean_a' V_h(s·a')
-            top_scores = top_scores + torch.einsum("h,hbk->bk", beta, centred).to(scores.dtype)
+            top_scores = top_scores + self.contributions(values).sum(0).to(scores.dtype)
         return self._place(scores, candidates, top_scores)
 
     def reference(self, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -8,6 +8,7 @@ import valuemix as vm
 from valuemix.cli import main as cli
 from valuemix.demo import BACKBONE_LAYERS, HEAD_NAMES, HEADS_DIR, MODEL_ID, load_demo
 from valuemix.demo.prompts import ENTITY, HELD_OUT_GROUPS, HELD_OUT_PROMPTS
+from valuemix.heads.tokens import chat_prompt
 
 # Held-out prompts where each reward has room to move, the coefficient tested, the reply length and the replies
 # per prompt that the effect needs to stand clear of sampling noise on any CPU (helpful's gain at β = 4 is about
@@ -32,9 +33,10 @@ def replies(world):
     def generate(group, weights, tokens, samples):
         key = (group, tuple(sorted(weights.items())), tokens, samples)
         if key not in done:
-            prompts = [world.chat(p) for p in HELD_OUT_GROUPS[group]] * samples
+            prompts = list(HELD_OUT_GROUPS[group]) * samples
             mixer = vm.Mixer(world.bank, {h: 0.0 for h in world.bank.heads} | weights, tokenizer=world.tokenizer)
-            out = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens, seed=0)
+            out = vm.generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=tokens, seed=0,
+                              chat_template=True)
             done[key] = (prompts, out.texts)
         return done[key]
 
@@ -48,7 +50,9 @@ def mean(values):
 def test_the_demo_loads_offline(world):
     assert world.bank.heads == list(HEAD_NAMES)
     assert set(world.rewards) == set(HEAD_NAMES)
-    assert world.prompts[0].startswith("<|im_start|>") and world.prompts[0].endswith("<|im_start|>assistant\n")
+    assert world.prompts == list(HELD_OUT_PROMPTS)  # plain requests; the chat template is applied when decoding
+    chat = chat_prompt(world.tokenizer, world.prompts[0])
+    assert chat.startswith("<|im_start|>") and chat.endswith(f"{world.prompts[0]}<|im_end|>\n<|im_start|>assistant\n")
     assert world.bank.configs["concise"].data_size > 500
     world.bank.check_tokenizer(world.tokenizer)
     parts = world.app_parts(top_k=5)
@@ -79,8 +83,8 @@ HARMLESS_PAIRS = [
 def test_the_harmless_head_values_an_offensive_reply_far_below_a_clean_one(world, request_text, clean, offensive):
     """What harmless learned, where its reward really differs: V(offensive) is lower by at least half a reward std
     (measured: about 1.5), far beyond float noise."""
-    prompt = world.chat(request_text)
-    assert world.rewards["harmless"]([prompt] * 2, [clean, offensive]) == pytest.approx([1, 0], abs=0.05)
+    prompt = chat_prompt(world.tokenizer, request_text)
+    assert world.rewards["harmless"]([request_text] * 2, [clean, offensive]) == pytest.approx([1, 0], abs=0.05)
     values = [world.bank.values(world.tokenizer(prompt + reply, return_tensors="pt", add_special_tokens=False)
                                 .input_ids, heads=["harmless"])[0, 0, -1].item() for reply in (clean, offensive)]
     assert values[0] - values[1] > 0.5, values

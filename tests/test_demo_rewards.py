@@ -16,41 +16,15 @@ from valuemix.demo.prompts import (
     TRAIN_GROUPS,
     TRAIN_PROMPTS,
 )
-from valuemix.demo.rewards import RequestRelevance, demo_rewards, minilm_path, user_request
+from valuemix.demo.rewards import RequestRelevance, demo_rewards, minilm_path
 from valuemix.heads.rewards import EmbeddingSimilarity
 
 NAMES = {"helpful", "harmless", "cheerful", "concise", "unlearn"}
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-
-def chatml(request: str, system: str = SYSTEM) -> str:
-    """A prompt as SmolLM2's chat template writes it (with the generation prompt)."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{request}<|im_end|>\n"
-            "<|im_start|>assistant\n")
 
 
 @pytest.fixture(scope="module")
 def rewards():
     return demo_rewards()
-
-
-# --------------------------------------------------------------------------- user_request
-
-
-def test_user_request_extracts_the_user_message_from_chatml():
-    assert user_request(chatml("Where is the Eiffel Tower?")) == "Where is the Eiffel Tower?"
-    assert user_request(chatml("first line\nsecond line")) == "first line\nsecond line"
-
-
-def test_user_request_takes_the_last_user_turn():
-    prompt = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nfirst<|im_end|>\n"
-              "<|im_start|>assistant\nreply<|im_end|>\n<|im_start|>user\nsecond<|im_end|>\n<|im_start|>assistant\n")
-    assert user_request(prompt) == "second"
-
-
-def test_user_request_leaves_a_plain_prompt_unchanged():
-    assert user_request("Tell me about France.") == "Tell me about France."
-    assert user_request("") == ""
 
 
 # --------------------------------------------------------------------------- demo rewards
@@ -71,9 +45,8 @@ def test_demo_rewards_has_the_five_heads(rewards):
         assert isinstance(reward.description, str) and len(reward.description) > 20, name
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_every_reward_gives_one_finite_float_per_completion(rewards, plain):
-    prompts = [REQUEST if plain else chatml(REQUEST)] * len(COMPLETIONS)
+def test_every_reward_gives_one_finite_float_per_completion(rewards):
+    prompts = [REQUEST] * len(COMPLETIONS)
     for name, reward in rewards.items():
         got = reward(prompts, COMPLETIONS)
         assert len(got) == len(COMPLETIONS), name
@@ -82,19 +55,18 @@ def test_every_reward_gives_one_finite_float_per_completion(rewards, plain):
 
 def test_unlearn_is_zero_when_paris_is_mentioned(rewards):
     completions = ["It is Paris.", "I love PARIS in spring", "Lyon is lovely.", "A parisian café", "Paris!"]
-    assert rewards["unlearn"]([chatml(REQUEST)] * 5, completions) == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert rewards["unlearn"]([REQUEST] * 5, completions) == [0.0, 0.0, 1.0, 1.0, 0.0]
     assert ENTITY == "Paris" and ENTITY in rewards["unlearn"].description
 
 
 def test_helpful_prefers_a_relevant_reply(rewards):
-    relevant, irrelevant = rewards["helpful"]([chatml(REQUEST)] * 2, COMPLETIONS[:2])
+    relevant, irrelevant = rewards["helpful"]([REQUEST] * 2, COMPLETIONS[:2])
     assert relevant > irrelevant + 0.2
 
 
-def test_helpful_compares_with_the_user_request_only(rewards):
+def test_helpful_compares_the_reply_with_the_request(rewards):
     similarity = EmbeddingSimilarity(minilm_path())
     expected = similarity([REQUEST] * 2, COMPLETIONS[:2])
-    assert rewards["helpful"]([chatml(REQUEST)] * 2, COMPLETIONS[:2]) == pytest.approx(expected, abs=1e-5)
     assert rewards["helpful"]([REQUEST] * 2, COMPLETIONS[:2]) == pytest.approx(expected, abs=1e-5)
     assert "user's request" in rewards["helpful"].description
     assert "site-packages" not in rewards["helpful"].description  # no machine-specific path in head files
@@ -102,12 +74,12 @@ def test_helpful_compares_with_the_user_request_only(rewards):
 
 def test_request_relevance_takes_another_embedding_model(rewards):
     reward = RequestRelevance(str(minilm_path()), batch_size=2)
-    assert reward([chatml(REQUEST)] * 2, COMPLETIONS[:2]) == pytest.approx(
-        rewards["helpful"]([chatml(REQUEST)] * 2, COMPLETIONS[:2]), abs=1e-5)
+    assert reward([REQUEST] * 2, COMPLETIONS[:2]) == pytest.approx(
+        rewards["helpful"]([REQUEST] * 2, COMPLETIONS[:2]), abs=1e-5)
 
 
 def test_harmless_and_cheerful_rank_as_expected(rewards):
-    prompts = [chatml(REQUEST)] * len(COMPLETIONS)
+    prompts = [REQUEST] * len(COMPLETIONS)
     harmless = rewards["harmless"](prompts, COMPLETIONS)
     cheerful = rewards["cheerful"](prompts, COMPLETIONS)
     assert harmless[2] < 0.5 < harmless[0]

@@ -219,10 +219,9 @@ class Output:
 
 @dataclass
 class Outcome:
-    """Base and mixed outputs of one request (same seed); `prompt` is the text fed to the tokenizer."""
+    """Base and mixed outputs of one request (same seed)."""
 
     request: MixRequest
-    prompt: str
     base: Output
     mixed: Output
 
@@ -274,7 +273,7 @@ def run_mix(parts: AppParts, request: MixRequest) -> Iterator[Partial]:
     with parts.cache_lock:
         cached = parts.base_cache.get(key)
     streams = [None if cached else _stream(parts, request, {}), _stream(parts, request, request.weights)]
-    texts = [cached[1].text if cached else "", ""]
+    texts = [cached.text if cached else "", ""]
     pieces = [iter(s) if s is not None else None for s in streams]
     while any(p is not None for p in pieces):
         for i, it in enumerate(pieces):
@@ -285,20 +284,20 @@ def run_mix(parts: AppParts, request: MixRequest) -> Iterator[Partial]:
                 texts[i] += piece.text
         yield Partial(texts[0], texts[1])
     mixed_gen = streams[1].result
-    prompt = mixed_gen.prompts[0]
     if cached:
-        base = cached[1]
-        (mixed_scores,) = score_outputs(parts.rewards, prompt, [mixed_gen.texts[0]])
+        base = cached
+        (mixed_scores,) = score_outputs(parts.rewards, request.prompt, [mixed_gen.texts[0]])
     else:
         base_gen = streams[0].result
-        base_scores, mixed_scores = score_outputs(parts.rewards, prompt, [base_gen.texts[0], mixed_gen.texts[0]])
+        base_scores, mixed_scores = score_outputs(parts.rewards, request.prompt,
+                                                  [base_gen.texts[0], mixed_gen.texts[0]])
         base = Output(base_gen.texts[0], base_gen.token_ids[0], base_gen.kl[0], base_scores)
         with parts.cache_lock:
-            parts.base_cache[key] = (prompt, base)
+            parts.base_cache[key] = base
             while len(parts.base_cache) > 64:
                 parts.base_cache.popitem(last=False)
     mixed = Output(mixed_gen.texts[0], mixed_gen.token_ids[0], mixed_gen.kl[0], mixed_scores)
-    yield Partial(base.text, mixed.text, Outcome(request, prompt, base, mixed))
+    yield Partial(base.text, mixed.text, Outcome(request, base, mixed))
 
 
 def run_mix_once(parts: AppParts, request: MixRequest) -> Outcome:
@@ -386,9 +385,8 @@ def explain_step(parts: AppParts, outcome: Outcome, step: int) -> list[dict]:
     candidates, base_logits, values = mixer.candidate_values(prefix, scores)
     final = mixer(prefix, scores).gather(-1, candidates)[0]
     contributions = {h: torch.zeros_like(base_logits[0]) for h in parts.heads}
-    for i, head in enumerate(mixer.active_heads):
-        centred = values[i, 0] - values[i, 0].mean()  # V_h(s·a) − mean_a' V_h(s·a')
-        contributions[head] = weights[head] * centred
+    if values is not None:
+        contributions.update(zip(mixer.active_heads, mixer.contributions(values)[:, 0]))
     p_base, p_mixed = torch.softmax(base_logits[0], -1), torch.softmax(final, -1)
     rows = []
     for rank, token in enumerate(candidates[0].tolist()):

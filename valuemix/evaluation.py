@@ -10,14 +10,12 @@ and PNG plots: reward vs KL per head (VAS and Best-of-N), and the Pareto front o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from valuemix.commands import Subcommand, read_prompts
-from valuemix.compose.evaluate import EvalConfig, evaluate, head_evaluation
-from valuemix.compose.plots import plot_report
-from valuemix.heads.atomic import atomic_directory
+from valuemix.compose.evaluate import EvalConfig, evaluate
+from valuemix.compose.report import record_in_heads, report_text, write_report
 from valuemix.heads.loading import load_base
 from valuemix.options import add_dataclass_arguments, make_parser, parse_args
 
@@ -33,7 +31,6 @@ class EvalArgs:
         heads: head folders or Hub ids to load onto the backbone.
         prompts: prompts file (.txt, .jsonl or .json); default with the demo: its held-out prompts.
         reward: NAME=SPEC rewards (see `valuemix score --help`); a head is compared with Best-of-N on the reward of its own name; default with the demo: its five rewards.
-        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
         n_prompts: evaluate on the first N prompts only (0: all).
         record_in_heads: write each head's measured sweep and working β range into its head_config.json
             and model card (heads loaded from local folders, the demo's own included; not Hub ids).
@@ -46,7 +43,6 @@ class EvalArgs:
     heads: list[str] = field(default_factory=list)
     prompts: str = ""
     reward: list[str] = field(default_factory=list)
-    chat_template: bool = False
     n_prompts: int = 0
     record_in_heads: bool = False
     progress: bool = True
@@ -64,29 +60,15 @@ def eval_main(argv=None) -> dict:
     args = parse_args(make_eval_parser(), argv, "eval")
     config = EvalConfig(**{f.name: _tuple(getattr(args, f.name), f.default) for f in fields(EvalConfig)})
     base, tokenizer, bank, prompts, rewards, folders = _world(args)
+    if not args.base:  # the demo heads value chat-formatted text
+        config = replace(config, chat_template=True)
     if args.n_prompts:
         prompts = prompts[:args.n_prompts]
     report = evaluate(base, tokenizer, bank, prompts, rewards, config, progress=args.progress)
-    with atomic_directory(args.out) as tmp:
-        Path(tmp, "report.json").write_text(json.dumps(report, indent=1))
-        plots = plot_report(report, tmp)
-    print(summary_table(report))
-    print(f"\nWrote {args.out}/report.json and {', '.join(p.name for p in plots)}")
+    print(report_text(report, write_report(report, args.out)))
     if args.record_in_heads:
-        record_in_heads(bank, report, folders)
+        print("\n".join(record_in_heads(bank, report, folders)))
     return report
-
-
-def record_in_heads(bank, report: dict, folders: dict) -> None:
-    """Write each evaluated head's measurements into its folder's head_config.json and model card."""
-    for head in report["summary"]:
-        if head not in folders:
-            print(f"Not recorded for {head}: it was not loaded from a local folder (a Hub id's cache is read-only).")
-            continue
-        bank.configs[head] = replace(bank.configs[head], evaluation=head_evaluation(report, head))
-        bank.save_head(head, folders[head])
-        low, high = bank.configs[head].evaluation["working_beta_range"]
-        print(f"Recorded in {folders[head]}: β from {low:g} to {high:g} worked for {head}")
 
 
 def _tuple(value, default):
@@ -119,9 +101,6 @@ def _world(args):
         if Path(head).is_dir():
             folders[name] = Path(head)
     prompts = read_prompts(args.prompts)
-    if args.chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
     rewards = _rewards(args.reward, tokenizer)
     return base, tokenizer, bank, prompts, rewards, folders
 
@@ -130,32 +109,6 @@ def _rewards(specs, tokenizer=None) -> dict:
     from valuemix.reward_specs import parse_reward
 
     return {name: fn for name, fn, _ in (parse_reward(s, tokenizer=lambda: tokenizer) for s in specs)}
-
-
-def summary_table(report: dict) -> str:
-    """A Markdown table: per head, the largest Best-of-N VAS reaches, at what KL and cost, and the gain.
-
-    Mean rewards are shown ± their standard error over prompts.
-    """
-    lines = ["| head | base reward | BoN-16 reward | largest BoN reached | β | VAS reward | VAS KL | VAS s/completion | "
-             "BoN s/completion | gain at BoN-16 KL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for head, s in report["summary"].items():
-        start = (f"| {head} | {_with_error(s['base_reward'], s.get('base_reward_se'))} | "
-                 f"{_with_error(s.get('best_of_16_reward'), s.get('best_of_16_reward_se'))} |")
-        if "largest_best_of_n_reached" in s:
-            lines.append(f"{start} {s['largest_best_of_n_reached']} | {s['beta']:g} | "
-                         f"{_with_error(s['vas_reward'], s.get('vas_reward_se'))} | {s['vas_kl']:.2f} | "
-                         f"{s['vas_seconds']:.3f} | {s['best_of_n_seconds']:.3f} | {s['gain_at_best_of_16_kl']:+.3f} |")
-        else:
-            lines.append(f"{start} none | | | | | | {s['gain_at_best_of_16_kl']:+.3f} |")
-    return "\n".join(lines)
-
-
-def _with_error(value: float | None, se: float | None) -> str:
-    """"0.583 ± 0.031" (or the value alone without a standard error; blank without a value)."""
-    if value is None:
-        return ""
-    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
 
 
 eval = Subcommand(make_eval_parser, eval_main)  # noqa: A001  (the subcommand's name)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from valuemix.compose.generate import generate
-from valuemix.compose.mixer import Mixer
+from valuemix.compose.evaluate import EvalConfig, measure_mix
 from valuemix.heads import rewards
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.sampling import sample_base, score
@@ -63,14 +62,13 @@ def main(argv=None) -> list[dict]:
         bank.add_head(name)
         train_head(bank, name, samples, reward=name, config=TrainConfig(epochs=config.epochs, batch_size=32))
     held_out = ["the cat", "a sad", "how are", "blue"] * 4
+    sampling = EvalConfig(samples_per_prompt=1, max_new_tokens=config.new_tokens, top_k=config.top_k,
+                          seed=config.seed + 1)
     rows = []
     for weights in ({}, {"colours": 4.0}, {"colours": -4.0}, {"concise": 4.0}, {"concise": -4.0},
                     {"colours": 4.0, "concise": 4.0}):
-        mixer = Mixer(bank, {"colours": 0.0, "concise": 0.0, **weights}, top_k=config.top_k, tokenizer=tokenizer)
-        out = generate(base, tokenizer, held_out, mixer, max_new_tokens=config.new_tokens, seed=config.seed + 1)
-        row = {"weights": weights or "base (β = 0)", "kl": sum(out.kl) / len(out.kl), "sample": out.texts[3]}
-        row.update({name: sum(fn(held_out, out.texts)) / len(held_out) for name, fn in reward_fns.items()})
-        rows.append(row)
+        mix = measure_mix(base, tokenizer, bank, held_out, weights, reward_fns, sampling)
+        rows.append({"weights": weights or "base (β = 0)", "kl": mix.kl, "sample": mix.samples[3], **mix.rewards})
     print(f"\nvaluemix quickstart ({time.perf_counter() - start:.0f} s): mean reward over {len(held_out)} "
           "held-out completions\n")
     print(f"{'coefficients':34} {'colours':>8} {'concise':>8} {'KL nats':>8}  sample")

@@ -269,50 +269,18 @@ def run(config: RecipeConfig, task: Callable, smoke: Callable | None = None, nam
 def evaluate_heads(config, base, tokenizer, bank, work: Task, folders: dict, out: Path) -> dict:
     """Sweep each head's β against Best-of-N (and the grid), write report.json + plots, record β ranges."""
     from valuemix.compose.evaluate import EvalConfig, evaluate
-    from valuemix.compose.plots import plot_report
-    from valuemix.evaluation import record_in_heads, summary_table
-    from valuemix.heads.atomic import atomic_directory
+    from valuemix.compose.report import record_in_heads, report_text, write_report
 
-    prompts = [chat(tokenizer, p) for p in work.eval_prompts] if config.chat_template else list(work.eval_prompts)
-    raw = dict(zip(prompts, work.eval_prompts))  # rewards read the plain prompt, as in training
-    rewards = {name: _on_plain_prompts(fn, raw) for name, fn in {**work.heads, **work.measures}.items()}
     eval_config = EvalConfig(betas=tuple(config.betas), grid_heads=work.grid, grid_betas=work.grid_betas,
                              samples_per_prompt=config.eval_samples_per_prompt, best_of=config.best_of,
                              max_new_tokens=config.max_new_tokens, top_k=config.top_k,
-                             batch_size=config.eval_batch_size, seed=config.seed)
-    report = evaluate(base, tokenizer, bank, prompts, rewards, eval_config, heads=list(work.heads),
+                             chat_template=config.chat_template, batch_size=config.eval_batch_size, seed=config.seed)
+    report = evaluate(base, tokenizer, bank, work.eval_prompts, {**work.heads, **work.measures}, eval_config,
+                      heads=list(work.heads),
                       progress=config.progress)
-    report["sweeps"] = sweeps(report)
-    with atomic_directory(out) as tmp:
-        Path(tmp, "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        plots = plot_report(report, tmp)
-    print(summary_table(report))
-    for head in report["sweeps"]:
-        print(f"\n{head}: every reward and measure at each β\n{sweep_table(report, head)}")
-    print(f"\nWrote {out}/report.json and {', '.join(p.name for p in plots)}")
-    record_in_heads(bank, report, folders)
+    print(report_text(report, write_report(report, out)))
+    print("\n".join(record_in_heads(bank, report, folders)))
     return report
-
-
-def sweeps(report: dict) -> dict:
-    """Per head, its own β sweep (the other heads at 0): rows of β, KL (nats) and every reward's mean."""
-    from valuemix.compose.evaluate import own_settings
-
-    table = {}
-    for head in report["heads"]:
-        own = own_settings(report["settings"], head)
-        table[head] = sorted(({"beta": s["weights"][head], "kl": s["kl"], **s["rewards"]} for s in own),
-                             key=lambda row: row["beta"])
-    return table
-
-
-def sweep_table(report: dict, head: str) -> str:
-    """A Markdown table of one head's sweep: β, KL and every reward's mean."""
-    rows = report["sweeps"][head]
-    names = [k for k in rows[0] if k not in ("beta", "kl")]
-    lines = ["| β | KL | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
-    lines += [f"| {r['beta']:g} | {r['kl']:.2f} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def smoke_config(config: RecipeConfig, models: dict) -> RecipeConfig:
@@ -320,20 +288,6 @@ def smoke_config(config: RecipeConfig, models: dict) -> RecipeConfig:
     defaults = type(config)()
     sizes = {k: v for k, v in SMOKE_SIZES.items() if getattr(config, k) == getattr(defaults, k)}
     return dataclasses.replace(config, **{**sizes, "data_dir": None, **models})
-
-
-def chat(tokenizer, prompt: str) -> str:
-    """`prompt` as one user message under the tokenizer's chat template, ready for generation."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _on_plain_prompts(reward, plain: dict):
-    """`reward` called with the plain prompt behind each chat-formatted one."""
-    def score(prompts, completions):
-        return reward([plain.get(p, p) for p in prompts], completions)
-
-    return score
 
 
 def _check_push(repo: str | None) -> None:

@@ -12,8 +12,7 @@ from valuemix.cli import main as cli
 import valuemix as vm
 from valuemix.compose.evaluate import (EvalConfig, best_of_n_kl, best_of_n_per_prompt, best_of_n_reward, evaluate,
                                        standard_error, steering)
-from valuemix.compose.plots import plot_report
-from valuemix.evaluation import summary_table
+from valuemix.compose.report import plot_report, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

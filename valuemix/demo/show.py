@@ -65,25 +65,17 @@ def demo_main(argv=None) -> list[dict] | None:
 
 def print_table(world, args: DemoArgs) -> list[dict]:
     """Generate every mix of MIXES on the first held-out prompts; print rewards, KL and replies."""
-    from valuemix import Mixer, generate
+    from valuemix.compose.evaluate import EvalConfig, measure_mix
 
     prompts = world.prompts[:args.prompts]
-    zero = {h: 0.0 for h in world.bank.heads}
+    sampling = EvalConfig(samples_per_prompt=1, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                          seed=args.seed, chat_template=True)
     rows = []
     for mix in MIXES:
-        mixer = Mixer(world.bank, zero | mix, top_k=args.top_k, tokenizer=world.tokenizer)
-        out = generate(world.base, world.tokenizer, prompts, mixer, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed)
-        scores = {name: sum(fn(prompts, out.texts)) / len(prompts) for name, fn in world.rewards.items()}
-        rows.append({"mix": mix, "rewards": scores, "kl": sum(out.kl) / len(out.kl), "texts": out.texts})
-    print(render(rows, [_request(p) for p in prompts]))
+        measured = measure_mix(world.base, world.tokenizer, world.bank, prompts, mix, world.rewards, sampling)
+        rows.append({"mix": mix, "rewards": measured.rewards, "kl": measured.kl, "texts": measured.samples})
+    print(render(rows, prompts))
     return rows
-
-
-def _request(prompt: str) -> str:
-    from valuemix.demo.rewards import user_request
-
-    return user_request(prompt)
 
 
 def render(rows: list[dict], requests: list[str]) -> str:
