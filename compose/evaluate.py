@@ -26,31 +26,24 @@ Reward = Callable[[list[str], list[str]], Sequence[float]]
 
 @dataclass
 class EvalConfig:
-    """Settings of `evaluate`.
+    """Settings of `evaluate`."""
 
-    Attributes:
-        betas: coefficients swept for each head (the others at 0).
-        grid_heads: two heads whose coefficients are swept jointly over `grid_betas` (a Pareto front).
-        grid_betas: coefficients of the two-head grid.
-        samples_per_prompt: completions per prompt for each coefficient setting.
-        best_of: the largest N of Best-of-N; N = 1, 2, 4, … up to it, from `best_of` samples per prompt.
-        max_new_tokens, top_k, temperature: sampling settings shared by the mixer and π_ref.
-        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
-        batch_size: prompts × samples decoded together.
-        seed: sampling seed.
-    """
-
-    betas: tuple[float, ...] = (-4.0, -2.0, 0.0, 1.0, 2.0, 4.0, 8.0)
-    grid_heads: tuple[str, str] | None = None
-    grid_betas: tuple[float, ...] = (0.0, 2.0, 4.0)
-    samples_per_prompt: int = 4
-    best_of: int = 64
-    max_new_tokens: int = 48
-    top_k: int = 20
-    temperature: float = 1.0
-    chat_template: bool = False
-    batch_size: int = 32
-    seed: int = 0
+    betas: list[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 1.0, 2.0, 4.0, 8.0], metadata={
+        "help": "coefficients swept for each head (the others at 0)"})
+    grid_heads: list[str] | None = field(default=None, metadata={
+        "help": "two heads whose coefficients are swept jointly over `grid_betas` (a Pareto front)"})
+    grid_betas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0], metadata={
+        "help": "coefficients of the two-head grid"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "completions per prompt for each coefficient setting"})
+    best_of: int = field(default=64, metadata={
+        "help": "the largest N of Best-of-N; N = 1, 2, 4, … up to it, from `best_of` samples per prompt"})
+    max_new_tokens: int = field(default=48, metadata={"help": "sampling settings shared by the mixer and π_ref"})
+    top_k: int = field(default=20, metadata={"help": "sampling settings shared by the mixer and π_ref"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling settings shared by the mixer and π_ref"})
+    chat_template: bool = field(default=False, metadata={
+        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
+    batch_size: int = field(default=32, metadata={"help": "prompts × samples decoded together"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
 def best_of_n_per_prompt(rewards: np.ndarray, n: int) -> np.ndarray:

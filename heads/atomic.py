@@ -1,4 +1,4 @@
-"""Atomic directory writes: a folder appears whole or not at all, even if the writer is killed.
+"""Atomic writes: a folder or a file appears whole or not at all, even if the writer is killed.
 
     with atomic_directory("out/helpful") as tmp:
         save_file(tensors, os.path.join(tmp, "value_head.safetensors"))
@@ -10,7 +10,8 @@ existing folder is replaced by one atomic exchange (renameat2 RENAME_EXCHANGE): 
 target is the old folder or the new one. Elsewhere (or on a filesystem without the exchange) the old
 folder is renamed aside and the new one renamed in; a crash between those two renames leaves the
 previous folder at `.NAME.old-*` beside it. Temp folders of writers that died are removed by the next
-write to the same target. Used for head folders, training checkpoints and the base-sample cache.
+write to the same target. Used for head folders, training checkpoints, the base-sample cache and reports;
+`atomic_write_text` does the same for one file (a temp file beside it, then one rename).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import glob
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 
@@ -55,6 +58,20 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
         _swap_in(tmp, path, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a rename; the old folder after an exchange
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temp file beside `path` (its folder made if missing), then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _swap_in(tmp: str, path: str, overwrite: bool) -> None:

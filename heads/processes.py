@@ -13,3 +13,13 @@ from accelerate.utils import parse_flag_from_env
 def process_state() -> PartialState:
     """accelerate's PartialState, on the CPU when launched with `accelerate launch --cpu` (as Accelerator does)."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def resolve_device(device: str) -> str:
+    """"auto" → accelerate's device for this process (its own GPU under `accelerate launch`); others unchanged."""
+    return str(process_state().device) if device == "auto" else device
+
+
+def is_main_process() -> bool:
+    """False on the other processes of `accelerate launch` (they compute but do not write)."""
+    return process_state().is_main_process

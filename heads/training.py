@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,51 +38,45 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Settings of `train_head`.
+    """Settings of `train_head`."""
 
-    Attributes:
-        lam: TD(λ) λ in [0, 1]; 1.0 is Monte Carlo regression onto the final reward.
-        epochs: passes over the samples.
-        batch_size: samples per optimisation step, over all processes and accumulation steps together.
-        gradient_accumulation_steps: split each process's share of a batch into this many forward/backward
-            passes before the step (less activation memory, the same result).
-        gradient_checkpointing: recompute the backbone's activations in the backward pass (less memory,
-            about a third more compute, the same result).
-        mixed_precision: "no", "bf16" or "fp16" autocast for the backbone's forward; None keeps what
-            `accelerate launch`/`accelerate config` set (default "no"). The head's weights stay float32.
-            accelerate fixes it for the whole process at the first training.
-        learning_rate: AdamW learning rate of the LoRA matrices.
-        value_learning_rate: AdamW learning rate of the scalar value layer.
-        weight_decay: AdamW weight decay.
-        max_grad_norm: gradient clipping (0 disables it).
-        max_length: longest prompt + completion in tokens; longer ones lose prompt tokens on the left.
-        normalize_rewards: train on (r − mean) / std so that β means the same for every head.
-        seed: seed of the sample order (and, in `valuemix train`, of the adapter's initialisation).
-        max_steps: stop after this many optimisation steps in total (None: run every epoch).
-        checkpoint_dir: folder for checkpoints (head, optimiser and progress, safetensors + JSON).
-        checkpoint_every: steps between checkpoints (one is also written at the end).
-        resume: continue from the checkpoint in `checkpoint_dir` if there is one.
-        progress: show a tqdm progress bar.
-    """
-
-    lam: float = 0.95
-    epochs: int = 2
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str | None = None
-    learning_rate: float = 3e-4
-    value_learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 1024
-    normalize_rewards: bool = True
-    seed: int = 0
-    max_steps: int | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    resume: bool = False
-    progress: bool = True
+    lam: float = field(default=0.95, metadata={
+        "help": "TD(λ) λ in [0, 1]; 1.0 is Monte Carlo regression onto the final reward"})
+    epochs: int = field(default=2, metadata={"help": "passes over the samples"})
+    batch_size: int = field(default=8, metadata={
+        "help": "samples per optimisation step, over all processes and accumulation steps together"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": (
+        "split each process's share of a batch into this many forward/backward passes before the step "
+        "(less activation memory, the same result)"
+    )})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "recompute the backbone's activations in the backward pass (less memory, about a third more "
+        "compute, the same result)"
+    )})
+    mixed_precision: str | None = field(default=None, metadata={"help": (
+        "\"no\", \"bf16\" or \"fp16\" autocast for the backbone's forward; None keeps what `accelerate "
+        "launch`/`accelerate config` set (default \"no\"). The head's weights stay float32. accelerate "
+        "fixes it for the whole process at the first training"
+    )})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA matrices"})
+    value_learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the scalar value layer"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables it)"})
+    max_length: int = field(default=1024, metadata={
+        "help": "longest prompt + completion in tokens; longer ones lose prompt tokens on the left"})
+    normalize_rewards: bool = field(default=True, metadata={
+        "help": "train on (r − mean) / std so that β means the same for every head"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the sample order (and, in `valuemix train`, of the adapter's initialisation)"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimisation steps in total (None: run every epoch)"})
+    checkpoint_dir: str | None = field(default=None, metadata={
+        "help": "folder for checkpoints (head, optimiser and progress, safetensors + JSON)"})
+    checkpoint_every: int = field(default=100, metadata={
+        "help": "steps between checkpoints (one is also written at the end)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint in `checkpoint_dir` if there is one"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:

@@ -25,17 +25,14 @@ from __future__ import annotations
 from dataclasses import field
 
 from valuemix import recipe
+from valuemix.compose.pipeline import PipelineConfig, Task, load_texts, pick_prompts, reward_model
+
+import hh_rlhf  # recipes/hh_rlhf.py, beside this script
 
 
 @recipe.recipe_config
-class HelpfulHarmlessConfig(recipe.RecipeConfig):
-    """Settings of the helpful/harmless recipe (each is a flag).
-
-    Attributes:
-        helpful_model: reward model of helpfulness (Hub id or folder), fed HH dialogue text.
-        harmless_model: reward model of harmlessness (Hub id or folder), fed HH dialogue text.
-        grid_betas: coefficients of the joint helpful × harmless grid (default: 0, 2, 4).
-    """
+class HelpfulHarmlessConfig(PipelineConfig):
+    """Settings of the helpful/harmless recipe (each is a flag)."""
 
     out: str = "runs/helpful_harmless"
     base: str = "Qwen/Qwen2.5-7B-Instruct"
@@ -43,23 +40,26 @@ class HelpfulHarmlessConfig(recipe.RecipeConfig):
     dataset: str = "Anthropic/hh-rlhf"
     text_column: str = "chosen"
     chat_template: bool = True
-    helpful_model: str = "Ray2333/gpt2-large-helpful-reward_model"
-    harmless_model: str = "Ray2333/gpt2-large-harmless-reward_model"
-    grid_betas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0])
+    helpful_model: str = field(default="Ray2333/gpt2-large-helpful-reward_model", metadata={
+        "help": "reward model of helpfulness (Hub id or folder), fed HH dialogue text"})
+    harmless_model: str = field(default="Ray2333/gpt2-large-harmless-reward_model", metadata={
+        "help": "reward model of harmlessness (Hub id or folder), fed HH dialogue text"})
+    grid_betas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0], metadata={
+        "help": "coefficients of the joint helpful × harmless grid"})
 
 
-def task(config: HelpfulHarmlessConfig, tokenizer) -> recipe.Task:
-    train = recipe.pick_prompts(recipe.load_texts(config, config.split), config.n_prompts, config.seed,
-                                recipe.hh_first_turn)
-    held_out = recipe.pick_prompts(recipe.load_texts(config, config.eval_split), config.n_eval_prompts,
-                                   config.seed, recipe.hh_first_turn)
-    heads = {"helpful": recipe.HHDialogue(recipe.reward_model(config.helpful_model, config)),
-             "harmless": recipe.HHDialogue(recipe.reward_model(config.harmless_model, config))}
-    return recipe.Task(train, held_out, heads, grid=("helpful", "harmless"), grid_betas=tuple(config.grid_betas))
+def task(config: HelpfulHarmlessConfig, tokenizer) -> Task:
+    train = pick_prompts(load_texts(config, config.split), config.n_prompts, config.seed,
+                                hh_rlhf.first_turn)
+    held_out = pick_prompts(load_texts(config, config.eval_split), config.n_eval_prompts,
+                                   config.seed, hh_rlhf.first_turn)
+    heads = {"helpful": hh_rlhf.HHDialogue(reward_model(config.helpful_model, config)),
+             "harmless": hh_rlhf.HHDialogue(reward_model(config.harmless_model, config))}
+    return Task(train, held_out, heads, grid=("helpful", "harmless"), grid_betas=tuple(config.grid_betas))
 
 
 def smoke(config: HelpfulHarmlessConfig, world: recipe.SmokeWorld) -> dict:
-    rows = recipe.hh_rows()
+    rows = hh_rlhf.rows()
     return {"base": world.causal_lm("base", "llama"), "backbone": world.causal_lm("backbone", "llama", seed=1),
             "dataset": world.dataset("hh-rlhf", {"train": rows[:7], "test": rows[7:]}),
             "helpful_model": world.classifier("helpful-rm", "gpt2"),
@@ -71,7 +71,8 @@ def make_parser():
 
 
 def main(argv=None) -> dict:
-    return recipe.main(HelpfulHarmlessConfig, task, smoke, argv, "recipes/helpful_harmless.py", __doc__)
+    return recipe.main(HelpfulHarmlessConfig, task, smoke, argv, "recipes/helpful_harmless.py", __doc__,
+                       corpus=hh_rlhf.corpus())
 
 
 if __name__ == "__main__":

@@ -21,20 +21,16 @@ from __future__ import annotations
 from dataclasses import field
 
 from valuemix import recipe, rewards
+from valuemix.compose.pipeline import PipelineConfig, Task, classifier, load_texts, pick_prompts
+
+import hh_rlhf  # recipes/hh_rlhf.py, beside this script
 
 STYLES = ("formality", "conciseness")
 
 
 @recipe.recipe_config
-class StyleConfig(recipe.RecipeConfig):
-    """Settings of the style recipe (each is a flag).
-
-    Attributes:
-        style: the head to train: formality (a classifier's probability of formal text) or conciseness
-            (minus the length in tens of words); the head is named after it.
-        formality_model: text classifier of formality (Hub id or folder); it reads the reply alone.
-        formality_label: its label of formal text.
-    """
+class StyleConfig(PipelineConfig):
+    """Settings of the style recipe (each is a flag)."""
 
     out: str = "runs/style"
     base: str = "Qwen/Qwen2.5-7B-Instruct"
@@ -42,24 +38,28 @@ class StyleConfig(recipe.RecipeConfig):
     dataset: str = "Anthropic/hh-rlhf"
     text_column: str = "chosen"
     chat_template: bool = True
-    style: str = field(default="formality", metadata={"choices": STYLES})
-    formality_model: str = "s-nlp/roberta-base-formality-ranker"
-    formality_label: str = "formal"
+    style: str = field(default="formality", metadata={"choices": STYLES, "help": (
+        "the head to train: formality (a classifier's probability of formal text) or conciseness (minus "
+        "the length in tens of words); the head is named after it"
+    )})
+    formality_model: str = field(default="s-nlp/roberta-base-formality-ranker", metadata={
+        "help": "text classifier of formality (Hub id or folder); it reads the reply alone"})
+    formality_label: str = field(default="formal", metadata={"help": "its label of formal text"})
 
 
-def task(config: StyleConfig, tokenizer) -> recipe.Task:
-    train = recipe.pick_prompts(recipe.load_texts(config, config.split), config.n_prompts, config.seed,
-                                recipe.hh_first_turn)
-    held_out = recipe.pick_prompts(recipe.load_texts(config, config.eval_split), config.n_eval_prompts,
-                                   config.seed, recipe.hh_first_turn)
+def task(config: StyleConfig, tokenizer) -> Task:
+    train = pick_prompts(load_texts(config, config.split), config.n_prompts, config.seed,
+                                hh_rlhf.first_turn)
+    held_out = pick_prompts(load_texts(config, config.eval_split), config.n_eval_prompts,
+                                   config.seed, hh_rlhf.first_turn)
     if config.style == "conciseness":
-        return recipe.Task(train, held_out, {"conciseness": rewards.brevity()})
-    formal = recipe.classifier(config.formality_model, config.formality_label, config)
-    return recipe.Task(train, held_out, {"formality": formal}, measures={"words": rewards.Length("words")})
+        return Task(train, held_out, {"conciseness": rewards.brevity()})
+    formal = classifier(config.formality_model, config.formality_label, config)
+    return Task(train, held_out, {"formality": formal}, measures={"words": rewards.Length("words")})
 
 
 def smoke(config: StyleConfig, world: recipe.SmokeWorld) -> dict:
-    rows = recipe.hh_rows()
+    rows = hh_rlhf.rows()
     return {"base": world.causal_lm("base", "llama"), "backbone": world.causal_lm("backbone", "llama", seed=1),
             "dataset": world.dataset("hh-rlhf", {"train": rows[:7], "test": rows[7:]}),
             "formality_model": world.classifier("formality", "roberta", ["informal", config.formality_label])}
@@ -70,7 +70,8 @@ def make_parser():
 
 
 def main(argv=None) -> dict:
-    return recipe.main(StyleConfig, task, smoke, argv, "recipes/style.py", __doc__)
+    return recipe.main(StyleConfig, task, smoke, argv, "recipes/style.py", __doc__,
+                       corpus=hh_rlhf.corpus())
 
 
 if __name__ == "__main__":

@@ -23,27 +23,17 @@ import re
 from dataclasses import field
 
 from valuemix import recipe, rewards
+from valuemix.compose.pipeline import PipelineConfig, Task, classifier, load_texts, pick_prompts, reward_model
+
+import hh_rlhf  # recipes/hh_rlhf.py, beside this script
 
 ENTITY = ["Harry Potter", "Hogwarts", "Hermione", "Dumbledore", "Voldemort"]
 TOPIC = r"harry potter|hogwarts|hermione|dumbledore|voldemort|rowling|wizards?|witchcraft"
 
 
 @recipe.recipe_config
-class UnlearnConfig(recipe.RecipeConfig):
-    """Settings of the unlearning recipe (each is a flag).
-
-    Attributes:
-        entity: names of the entity to remove; any of them counts as a mention (default: Harry Potter,
-            Hogwarts, Hermione, Dumbledore, Voldemort).
-        topic_pattern: regex (case-insensitive) that picks the on-topic prompts, those that make the base name
-            the entity.
-        on_topic_share: share of the prompts, training and held-out, that are on-topic (fewer if the dataset
-            has fewer).
-        topic_classifier: optional text classifier of the topic (Hub id or folder); its probability of
-            --topic-label is subtracted from the reward.
-        topic_label: the topic's label in --topic-classifier.
-        helpful_model: reward model of helpfulness measured at each β (Hub id or folder), fed HH dialogue text.
-    """
+class UnlearnConfig(PipelineConfig):
+    """Settings of the unlearning recipe (each is a flag)."""
 
     out: str = "runs/unlearn"
     base: str = "Qwen/Qwen2.5-7B-Instruct"
@@ -52,12 +42,19 @@ class UnlearnConfig(recipe.RecipeConfig):
     text_column: str = "chosen"
     chat_template: bool = True
     n_prompts: int = 1000
-    entity: list[str] = field(default_factory=lambda: list(ENTITY))
-    topic_pattern: str = TOPIC
-    on_topic_share: float = 0.75
-    topic_classifier: str | None = None
-    topic_label: str | None = None
-    helpful_model: str = "Ray2333/gpt2-large-helpful-reward_model"
+    entity: list[str] = field(default_factory=lambda: list(ENTITY), metadata={
+        "help": "names of the entity to remove; any of them counts as a mention"})
+    topic_pattern: str = field(default=TOPIC, metadata={
+        "help": "regex (case-insensitive) that picks the on-topic prompts, those that make the base name the entity"})
+    on_topic_share: float = field(default=0.75, metadata={
+        "help": "share of the prompts, training and held-out, that are on-topic (fewer if the dataset has fewer)"})
+    topic_classifier: str | None = field(default=None, metadata={"help": (
+        "optional text classifier of the topic (Hub id or folder); its probability of --topic-label is "
+        "subtracted from the reward"
+    )})
+    topic_label: str | None = field(default=None, metadata={"help": "the topic's label in --topic-classifier"})
+    helpful_model: str = field(default="Ray2333/gpt2-large-helpful-reward_model", metadata={
+        "help": "reward model of helpfulness measured at each β (Hub id or folder), fed HH dialogue text"})
 
 
 class Forget(rewards.Reward):
@@ -77,7 +74,7 @@ class Forget(rewards.Reward):
 def first_turn(topic: re.Pattern, on_topic: bool):
     """dialogue -> its first human turn if that is (or, with on_topic=False, is not) on the topic, else None."""
     def make(dialogue: str) -> str | None:
-        prompt = recipe.hh_first_turn(dialogue)
+        prompt = hh_rlhf.first_turn(dialogue)
         return prompt if bool(topic.search(prompt)) == on_topic else None
 
     return make
@@ -86,31 +83,31 @@ def first_turn(topic: re.Pattern, on_topic: bool):
 def prompts(config: UnlearnConfig, split: str, n: int) -> list[str]:
     """`n` prompts of `split`: about `on_topic_share` of them on-topic, the rest any other."""
     topic = re.compile(config.topic_pattern, re.IGNORECASE)
-    texts = recipe.load_texts(config, split)
-    on = recipe.pick_prompts(texts, round(n * config.on_topic_share), config.seed, first_turn(topic, True))
+    texts = load_texts(config, split)
+    on = pick_prompts(texts, round(n * config.on_topic_share), config.seed, first_turn(topic, True))
     if not on:
         raise ValueError(f"No prompt of {config.dataset} ({split}) matches --topic-pattern {config.topic_pattern!r}; "
                          "widen the pattern or use a dataset that talks about the entity.")
-    off = recipe.pick_prompts(texts, n - len(on), config.seed, first_turn(topic, False))
+    off = pick_prompts(texts, n - len(on), config.seed, first_turn(topic, False))
     print(f"{split}: {len(on)} on-topic and {len(off)} other prompts")
     return on + off
 
 
-def task(config: UnlearnConfig, tokenizer) -> recipe.Task:
+def task(config: UnlearnConfig, tokenizer) -> Task:
     if config.topic_classifier and not config.topic_label:
         raise ValueError("--topic-classifier needs --topic-label: the classifier's label of the topic.")
     topic = None
     if config.topic_classifier:
-        topic = recipe.classifier(config.topic_classifier, config.topic_label, config)
+        topic = classifier(config.topic_classifier, config.topic_label, config)
     measures = {"mention_rate": rewards.Keywords(config.entity),
-                "helpfulness": recipe.HHDialogue(recipe.reward_model(config.helpful_model, config))}
-    return recipe.Task(prompts(config, config.split, config.n_prompts),
+                "helpfulness": hh_rlhf.HHDialogue(reward_model(config.helpful_model, config))}
+    return Task(prompts(config, config.split, config.n_prompts),
                        prompts(config, config.eval_split, config.n_eval_prompts),
                        {"unlearn": Forget(config.entity, topic)}, measures=measures)
 
 
 def smoke(config: UnlearnConfig, world: recipe.SmokeWorld) -> dict:
-    rows = recipe.hh_rows()
+    rows = hh_rlhf.rows()
     models = {"base": world.causal_lm("base", "llama"), "backbone": world.causal_lm("backbone", "llama", seed=1),
               "dataset": world.dataset("hh-rlhf", {"train": rows[:7], "test": rows[7:]}),
               "helpful_model": world.classifier("helpful-rm", "gpt2")}
@@ -124,7 +121,8 @@ def make_parser():
 
 
 def main(argv=None) -> dict:
-    return recipe.main(UnlearnConfig, task, smoke, argv, "recipes/unlearn.py", __doc__)
+    return recipe.main(UnlearnConfig, task, smoke, argv, "recipes/unlearn.py", __doc__,
+                       corpus=hh_rlhf.corpus())
 
 
 if __name__ == "__main__":

@@ -14,16 +14,16 @@ ROWS = ["plain", "reference VAS (1 head)", "valuemix 1 head", "valuemix 2 heads"
 
 
 def test_parser_defaults_match_config():
-    from valuemix.options import fill_dataclass, parse_args
+    from valuemix.options import parse
 
-    assert fill_dataclass(BenchConfig, parse_args(make_parser(), [], "bench")) == BenchConfig()
+    assert parse(make_parser(), [], "bench") == (BenchConfig(),)
 
 
 def test_settings_can_come_from_a_config_file(tmp_path):
-    from valuemix.options import parse_args
+    from valuemix.options import parse
 
     (tmp_path / "bench.yaml").write_text("top_k: 7\nheads: [1, 4]\nreference: false\n")
-    args = parse_args(make_parser(), ["--config", str(tmp_path / "bench.yaml"), "--top-k", "9"], "bench")
+    (args,) = parse(make_parser(), ["--config", str(tmp_path / "bench.yaml"), "--top-k", "9"], "bench")
     assert (args.top_k, args.heads, args.reference) == (9, [1, 4], False)
 
 
@@ -54,7 +54,7 @@ def test_bench_end_to_end(tmp_path, capsys):
 
 def test_batch_option_adds_rows(tmp_path):
     out = tmp_path / "bench.json"
-    results = main(TINY + ["--batch", "1", "--batch", "2", "--heads", "1", "--no-reference", "--no-train",
+    results = main(TINY + ["--batch", "1", "2", "--heads", "1", "--no-reference", "--no-train",
                            "--out", str(out)])
     assert [(r["name"], r["batch"]) for r in results["rows"]] == [
         ("plain", 1), ("valuemix 1 head", 1), ("plain", 2), ("valuemix 1 head", 2)]

@@ -23,7 +23,10 @@ SMOKE_BETAS = SMOKE_SIZES["betas"]
 
 
 def load(name: str):
-    """recipes/<name>.py as a module (recipes/ is a folder of scripts, not a package)."""
+    """recipes/<name>.py as a module (recipes/ is a folder of scripts, not a package: like `python recipes/x.py`,
+    its folder is on sys.path for the modules the scripts share)."""
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.insert(0, str(ROOT / "recipes"))
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -20,7 +20,6 @@ Results go to stdout as Markdown, to --out as JSON (written atomically), and to 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -36,73 +35,45 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from valuemix.options import add_dataclass_arguments, fill_dataclass, parse_args
+from valuemix.heads.atomic import atomic_write_text
 from valuemix.options import make_parser as make_options_parser
+from valuemix.options import parse
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 
 
 @dataclass
 class BenchConfig:
-    """Settings of one benchmark run (each is a flag of `python -m valuemix.bench`).
+    """Settings of one benchmark run (each is a flag of `python -m valuemix.bench`)."""
 
-    Attributes:
-        layers: base model layers.
-        hidden: hidden size of the base and the backbone.
-        intermediate: MLP size.
-        attention_heads: attention heads.
-        kv_heads: key/value heads (grouped-query attention).
-        vocab: vocabulary size.
-        backbone_layers: value backbone layers (None: the same as layers).
-        top_k: candidates valued per step.
-        new_tokens: tokens generated per run.
-        prompt_tokens: prompt length in tokens.
-        batch: batch sizes to time.
-        heads: head counts to time valuemix with.
-        beta: coefficient of every head.
-        repeats: timed runs per configuration (the median is reported).
-        warmup: untimed runs first.
-        threads: torch.set_num_threads.
-        seed: random seed of the models and prompts.
-        reference: also time the slow reference VAS decoding.
-        train: also measure head training throughput.
-        train_prompts: prompts sampled for the training measurement.
-        train_per_prompt: samples per prompt for it.
-        train_prompt_tokens: their prompt length.
-        train_new_tokens: their completion length.
-        train_repeats: timed training runs (median).
-        out: JSON results file.
-        markdown: also write the Markdown table to this file.
-        progress: show a progress bar.
-    """
-
-    layers: int = 30
-    hidden: int = 576
-    intermediate: int = 1536
-    attention_heads: int = 9
-    kv_heads: int = 3
-    vocab: int = 49152
-    backbone_layers: int | None = None  # None: same as layers
-    top_k: int = 20
-    new_tokens: int = 32
-    prompt_tokens: int = 32
-    batch: list[int] = field(default_factory=lambda: [1])
-    heads: list[int] = field(default_factory=lambda: [1, 2, 4])
-    beta: float = 1.0
-    repeats: int = 3
-    warmup: int = 1
-    threads: int = 2
-    seed: int = 0
-    reference: bool = True
-    train: bool = True
-    train_prompts: int = 4
-    train_per_prompt: int = 2
-    train_prompt_tokens: int = 16
-    train_new_tokens: int = 16
-    train_repeats: int = 2
-    out: str = "bench_out/bench.json"
-    markdown: str | None = None
-    progress: bool = True
+    layers: int = field(default=30, metadata={"help": "base model layers"})
+    hidden: int = field(default=576, metadata={"help": "hidden size of the base and the backbone"})
+    intermediate: int = field(default=1536, metadata={"help": "MLP size"})
+    attention_heads: int = field(default=9, metadata={"help": "attention heads"})
+    kv_heads: int = field(default=3, metadata={"help": "key/value heads (grouped-query attention)"})
+    vocab: int = field(default=49152, metadata={"help": "vocabulary size"})
+    backbone_layers: int | None = field(default=None, metadata={
+        "help": "value backbone layers (None: the same as layers)"})
+    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})
+    prompt_tokens: int = field(default=32, metadata={"help": "prompt length in tokens"})
+    batch: list[int] = field(default_factory=lambda: [1], metadata={"help": "batch sizes to time"})
+    heads: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "head counts to time valuemix with"})
+    beta: float = field(default=1.0, metadata={"help": "coefficient of every head"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per configuration (the median is reported)"})
+    warmup: int = field(default=1, metadata={"help": "untimed runs first"})
+    threads: int = field(default=2, metadata={"help": "torch.set_num_threads"})
+    seed: int = field(default=0, metadata={"help": "random seed of the models and prompts"})
+    reference: bool = field(default=True, metadata={"help": "also time the slow reference VAS decoding"})
+    train: bool = field(default=True, metadata={"help": "also measure head training throughput"})
+    train_prompts: int = field(default=4, metadata={"help": "prompts sampled for the training measurement"})
+    train_per_prompt: int = field(default=2, metadata={"help": "samples per prompt for it"})
+    train_prompt_tokens: int = field(default=16, metadata={"help": "their prompt length"})
+    train_new_tokens: int = field(default=16, metadata={"help": "their completion length"})
+    train_repeats: int = field(default=2, metadata={"help": "timed training runs (median)"})
+    out: str = field(default="bench_out/bench.json", metadata={"help": "JSON results file"})
+    markdown: str | None = field(default=None, metadata={"help": "also write the Markdown table to this file"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 # ------------------------------------------------------------------ models and data
@@ -436,35 +407,18 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ------------------------------------------------------------------ CLI
-def make_parser() -> argparse.ArgumentParser:
-    parser = make_options_parser("python -m valuemix.bench", __doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, BenchConfig)
-    return parser
+def make_parser():
+    return make_options_parser("python -m valuemix.bench", __doc__.split("\n\n")[0], BenchConfig)
 
 
 def main(argv=None) -> dict:
-    cfg = fill_dataclass(BenchConfig, parse_args(make_parser(), argv, "bench"))
+    (cfg,) = parse(make_parser(), argv, "bench")
     results = run(cfg)
     table = format_markdown(results)
     print(table)
-    write_atomically(cfg.out, json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(cfg.out, json.dumps(results, indent=2, default=str) + "\n")
     if cfg.markdown:
-        write_atomically(cfg.markdown, table)
+        atomic_write_text(cfg.markdown, table)
     return results
 
 

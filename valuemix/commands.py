@@ -1,7 +1,7 @@
 """The workflow subcommands: `valuemix sample`, `score`, `train` and `push`.
 
     valuemix sample --base HuggingFaceTB/SmolLM2-135M-Instruct --prompts prompts.txt --out runs/samples
-    valuemix score  --samples runs/samples --reward short=brevity --reward polite=classifier:MODEL:LABEL
+    valuemix score  --samples runs/samples --reward short=brevity polite=classifier:MODEL:LABEL
     valuemix train  --backbone HuggingFaceTB/SmolLM2-135M-Instruct --samples runs/samples --reward short \\
                     --out runs/heads/short
     valuemix push   runs/heads/short alice/vm-short
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.options import make_parser, parse
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("8bit", "4bit")  # heads.loading.QUANTIZATIONS, without importing torch for --help
@@ -37,55 +37,47 @@ class Subcommand(NamedTuple):
 # ------------------------------------------------------------------------------------------ sample
 @dataclass
 class SampleArgs:
-    """Settings of `valuemix sample`.
+    """Settings of `valuemix sample`."""
 
-    Attributes:
-        base: the base model to sample from: a local folder or a Hugging Face Hub id.
-        prompts: prompts file: .txt (one prompt per line, blank lines skipped), .jsonl (one object with a "prompt" field per line) or .json (a list of strings or of such objects).
-        out: folder to save the samples to (a datasets folder, written atomically; an existing samples folder is replaced).
-        n_per_prompt: completions sampled per prompt.
-        max_new_tokens: longest completion, in tokens.
-        temperature: sampling temperature (> 0).
-        top_k: sample from the k most likely tokens only (0: no limit).
-        top_p: nucleus sampling threshold (1.0: no limit).
-        seed: random seed; the same settings and seed give the same samples.
-        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
-        batch_size: rows generated together.
-        device: device to run the base model on (cpu, cuda, mps, ...); auto: this process's device under
-            `accelerate launch` (one GPU each), else the first GPU, else the CPU.
-        dtype: dtype to run the base model in.
-        progress: show a progress bar.
-    """
-
-    base: str = field(metadata={"metavar": "ID_OR_PATH"})
-    prompts: str = field(metadata={"metavar": "FILE"})
-    out: str = field(metadata={"metavar": "DIR"})
-    n_per_prompt: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    chat_template: bool = False
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = field(default="float32", metadata={"choices": DTYPES})
-    progress: bool = True
+    base: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the base model to sample from: a local folder or a Hugging Face Hub id"})
+    prompts: str = field(metadata={"metavar": "FILE", "help": (
+        "prompts file: .txt (one prompt per line, blank lines skipped), .jsonl (one object with a "
+        "\"prompt\" field per line) or .json (a list of strings or of such objects)"
+    )})
+    out: str = field(metadata={"metavar": "DIR", "help": (
+        "folder to save the samples to (a datasets folder, written atomically; an existing samples folder"
+        " is replaced)"
+    )})
+    n_per_prompt: int = field(default=4, metadata={"help": "completions sampled per prompt"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens only (0: no limit)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (1.0: no limit)"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same settings and seed give the same samples"})
+    chat_template: bool = field(default=False, metadata={
+        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
+    batch_size: int = field(default=16, metadata={"help": "rows generated together"})
+    device: str = field(default="auto", metadata={"help": (
+        "device to run the base model on (cpu, cuda, mps, ...); auto: this process's device under "
+        "`accelerate launch` (one GPU each), else the first GPU, else the CPU"
+    )})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES, "help": "dtype to run the base model in"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 def make_sample_parser():
-    parser = make_parser("valuemix sample", "Sample completions from the frozen base model once (step 1 of VAS); "
-                                            "the same samples train every head.")
-    add_dataclass_arguments(parser, SampleArgs)
-    return parser
+    return make_parser("valuemix sample", "Sample completions from the frozen base model once (step 1 of VAS); "
+                                          "the same samples train every head.", SampleArgs)
 
 
 def sample_main(argv=None) -> str:
     """Sample the base model on a prompts file and save the samples; returns the folder."""
+    from valuemix.heads.processes import is_main_process, resolve_device
     from valuemix.heads.sampling import sample_base
 
     parser = make_sample_parser()
-    args = fill_dataclass(SampleArgs, parse_args(parser, argv, "sample"))
+    (args,) = parse(parser, argv, "sample")
     prompts = read_prompts(args.prompts)
     args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
     from valuemix.heads.loading import load_base
@@ -102,20 +94,6 @@ def sample_main(argv=None) -> str:
     print(f"Saved {len(samples)} samples ({len(prompts)} prompts x {args.n_per_prompt}; {finished} ended with EOS) "
           f"from {args.base} to {out}")
     return out
-
-
-def resolve_device(device: str) -> str:
-    """"auto" → accelerate's device for this process (its own GPU under `accelerate launch`); others unchanged."""
-    from valuemix.heads.processes import process_state
-
-    return str(process_state().device) if device == "auto" else device
-
-
-def is_main_process() -> bool:
-    """False on the other processes of `accelerate launch` (they compute but do not write)."""
-    from valuemix.heads.processes import process_state
-
-    return process_state().is_main_process
 
 
 def _absolute_if_folder(source: str) -> str:
@@ -193,34 +171,27 @@ def load_samples(path: str):
 # ------------------------------------------------------------------------------------------- score
 @dataclass
 class ScoreArgs:
-    """Settings of `valuemix score`.
+    """Settings of `valuemix score`."""
 
-    Attributes:
-        samples: folder of samples from `valuemix sample`.
-        reward: a reward column to add, as NAME=SPEC (e.g. short=brevity, no_city=keywords:Paris,London:absent); a column of the same name is replaced.
-        out: folder to save the scored samples to (default: replace --samples in place, atomically).
-        batch_size: completions per reward call.
-        tokenizer: tokenizer for length:tokens rewards, a folder or Hub id (default: the samples' base model).
-        device: device to run model rewards on.
-        progress: show a progress bar.
-    """
-
-    samples: str = field(metadata={"metavar": "DIR"})
-    reward: list[str] = field(metadata={"metavar": "NAME=SPEC"})
-    out: str | None = field(default=None, metadata={"metavar": "DIR"})
-    batch_size: int = 64
-    tokenizer: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH"})
-    device: str = "cpu"
-    progress: bool = True
+    samples: str = field(metadata={"metavar": "DIR", "help": "folder of samples from `valuemix sample`"})
+    reward: list[str] = field(metadata={"metavar": "NAME=SPEC", "help": (
+        "a reward column to add, as NAME=SPEC (e.g. short=brevity, no_city=keywords:Paris,London:absent);"
+        " a column of the same name is replaced"
+    )})
+    out: str | None = field(default=None, metadata={"metavar": "DIR",
+        "help": "folder to save the scored samples to (if not given: replace --samples in place, atomically)"})
+    batch_size: int = field(default=64, metadata={"help": "completions per reward call"})
+    tokenizer: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH",
+        "help": "tokenizer for length:tokens rewards, a folder or Hub id (if not given: the samples' base model)"})
+    device: str = field(default="cpu", metadata={"help": "device to run model rewards on"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 def make_score_parser():
     from valuemix.reward_specs import SPECS
 
-    parser = make_parser("valuemix score", "Score samples with rewards (step 2 of VAS): one float column per "
-                                           f"reward.\n\nReward specs (--reward NAME=SPEC):\n{SPECS}")
-    add_dataclass_arguments(parser, ScoreArgs)
-    return parser
+    return make_parser("valuemix score", "Score samples with rewards (step 2 of VAS): one float column per "
+                                         f"reward.\n\nReward specs (--reward NAME=SPEC ...):\n{SPECS}", ScoreArgs)
 
 
 def score_main(argv=None) -> str:
@@ -228,7 +199,7 @@ def score_main(argv=None) -> str:
     from valuemix.heads.sampling import score
     from valuemix.reward_specs import parse_reward
 
-    args = fill_dataclass(ScoreArgs, parse_args(make_score_parser(), argv, "score"))
+    (args,) = parse(make_score_parser(), argv, "score")
     samples, described = load_samples(args.samples)
 
     def tokenizer():
@@ -257,44 +228,36 @@ def score_main(argv=None) -> str:
 # ------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainArgs:
-    """Settings of `valuemix train` besides the training ones (TrainConfig).
+    """Settings of `valuemix train` besides the training ones (TrainConfig)."""
 
-    Attributes:
-        backbone: the value backbone: a local folder or Hub id of a causal LM sharing the base model's tokenizer.
-        samples: folder of scored samples from `valuemix score`.
-        reward: the reward column to train on.
-        out: folder to save the trained head to (replaced if it holds a head).
-        name: the head's name (default: the reward column).
-        description: what the head values, in words, for its card (default: the reward's description from `valuemix score`).
-        lora_r: LoRA rank of the head's adapter.
-        lora_alpha: LoRA alpha (scale = alpha / r).
-        device: device to train on; auto: this process's device under `accelerate launch`, else the first
-            GPU, else the CPU.
-        dtype: dtype of the backbone (the head's value layer stays float32).
-        quantization: load the backbone in 8-bit or 4-bit with bitsandbytes (pip install 'valuemix[quant]').
-    """
-
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
-    samples: str = field(metadata={"metavar": "DIR"})
-    reward: str = field(metadata={"metavar": "COLUMN"})
-    out: str = field(metadata={"metavar": "DIR"})
-    name: str | None = None
-    description: str | None = field(default=None, metadata={"metavar": "TEXT"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    device: str = "auto"
-    dtype: str = field(default="float32", metadata={"choices": DTYPES})
-    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS})
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the value backbone: a local folder or Hub id of a causal LM sharing the base model's tokenizer"})
+    samples: str = field(metadata={"metavar": "DIR", "help": "folder of scored samples from `valuemix score`"})
+    reward: str = field(metadata={"metavar": "COLUMN", "help": "the reward column to train on"})
+    out: str = field(metadata={"metavar": "DIR",
+        "help": "folder to save the trained head to (replaced if it holds a head)"})
+    name: str | None = field(default=None, metadata={"help": "the head's name (if not given: the reward column)"})
+    description: str | None = field(default=None, metadata={"metavar": "TEXT", "help": (
+        "what the head values, in words, for its card (if not given: the reward's description from `valuemix "
+        "score`)"
+    )})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the head's adapter"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    device: str = field(default="auto", metadata={"help": (
+        "device to train on; auto: this process's device under `accelerate launch`, else the first GPU, "
+        "else the CPU"
+    )})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES,
+        "help": "dtype of the backbone (the head's value layer stays float32)"})
+    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS,
+        "help": "load the backbone in 8-bit or 4-bit with bitsandbytes (pip install 'valuemix[quant]')"})
 
 
 def make_train_parser():
     from valuemix.heads.training import TrainConfig
 
-    parser = make_parser("valuemix train", "Train one value head by TD(λ) regression on scored samples (step 3 of "
-                                           "VAS) and save it as a head folder.")
-    add_dataclass_arguments(parser, TrainArgs)
-    add_dataclass_arguments(parser, TrainConfig, title="training (TrainConfig)")
-    return parser
+    return make_parser("valuemix train", "Train one value head by TD(λ) regression on scored samples (step 3 of "
+                                         "VAS) and save it as a head folder.", TrainArgs, TrainConfig)
 
 
 def train_main(argv=None) -> str:
@@ -302,15 +265,10 @@ def train_main(argv=None) -> str:
     import torch
 
     from valuemix.heads.bank import DEFAULT_LORA, ValueBank
-    from valuemix.heads.training import TrainConfig, train_head
+    from valuemix.heads.processes import is_main_process, resolve_device
+    from valuemix.heads.training import train_head
 
-    parser = make_train_parser()
-    parsed = parse_args(parser, argv, "train")
-    args = fill_dataclass(TrainArgs, parsed)
-    try:
-        config = fill_dataclass(TrainConfig, parsed)
-    except ValueError as err:
-        parser.error(str(err))
+    args, config = parse(make_train_parser(), argv, "train")
     samples, described = load_samples(args.samples)
     if args.reward not in samples.column_names:
         scored = sorted(set(samples.column_names) - _sample_columns())
@@ -340,37 +298,32 @@ def _sample_columns() -> set[str]:
 # -------------------------------------------------------------------------------------------- push
 @dataclass
 class PushArgs:
-    """Settings of `valuemix push`.
+    """Settings of `valuemix push`."""
 
-    Attributes:
-        directory: the head folder to push (written by `valuemix train` or bank.save_head).
-        repo_id: the Hub repo to push to, 'user/name' or 'org/name' (created if missing).
-        private: create the repo as private (an existing repo keeps its visibility).
-        token: Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`).
-        message: commit message (default: "Upload valuemix head '<name>'").
-        revision: branch to commit to (default: main).
-    """
-
-    directory: str = field(metadata={"positional": True, "metavar": "DIR"})
-    repo_id: str = field(metadata={"positional": True, "metavar": "REPO_ID"})
-    private: bool = False
-    token: str | None = None
-    message: str | None = field(default=None, metadata={"metavar": "TEXT"})
-    revision: str | None = None
+    directory: str = field(metadata={"metavar": "DIR",
+        "help": "the head folder to push (written by `valuemix train` or bank.save_head)"})
+    repo_id: str = field(metadata={"metavar": "REPO_ID",
+        "help": "the Hub repo to push to, 'user/name' or 'org/name' (created if missing)"})
+    private: bool = field(default=False, metadata={
+        "help": "create the repo as private (an existing repo keeps its visibility)"})
+    token: str | None = field(default=None, metadata={
+        "help": "Hub token with write access (if not given: HF_TOKEN or the token saved by `hf auth login`)"})
+    message: str | None = field(default=None, metadata={"metavar": "TEXT",
+        "help": "commit message (if not given: \"Upload valuemix head '<name>'\")"})
+    revision: str | None = field(default=None, metadata={"help": "branch to commit to (if not given: main)"})
 
 
 def make_push_parser():
-    parser = make_parser("valuemix push", "Publish a head folder to the Hugging Face Hub in one commit; load it "
-                                          "anywhere with bank.load_head(REPO_ID).")
-    add_dataclass_arguments(parser, PushArgs)
-    return parser
+    return make_parser("valuemix push", "Publish a head folder to the Hugging Face Hub in one commit; load it "
+                                        "anywhere with bank.load_head(REPO_ID).", PushArgs,
+                       positional=("directory", "repo_id"))
 
 
 def push_main(argv=None) -> str:
     """Push a head folder to the Hub; returns the commit URL."""
     from valuemix.heads import hub
 
-    args = fill_dataclass(PushArgs, parse_args(make_push_parser(), argv, "push"))
+    (args,) = parse(make_push_parser(), argv, "push")
     url = hub.push_folder(args.directory, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.message, revision=args.revision)
     print(f"Pushed {args.directory} to {args.repo_id}: {url}")

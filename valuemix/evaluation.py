@@ -2,7 +2,7 @@
 
     valuemix eval --out runs/eval                              # the offline demo world
     valuemix eval --base BASE --backbone BACKBONE --heads runs/heads/short --prompts prompts.txt \\
-                  --reward short=brevity --betas 0 --betas 2 --betas 4 --out runs/eval
+                  --reward short=brevity --betas 0 2 4 --out runs/eval
 
 Writes report.json (every setting's mean rewards, KL and cost; Best-of-N curves; a summary per head)
 and PNG plots: reward vs KL per head (VAS and Best-of-N), and the Pareto front of a two-head grid.
@@ -10,55 +10,47 @@ and PNG plots: reward vs KL per head (VAS and Best-of-N), and the Pareto front o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from valuemix.commands import Subcommand, read_prompts
 from valuemix.compose.evaluate import EvalConfig, evaluate
 from valuemix.compose.report import record_in_heads, report_text, write_report
 from valuemix.heads.loading import load_base
-from valuemix.options import add_dataclass_arguments, make_parser, parse_args
+from valuemix.options import make_parser, parse
 
 
 @dataclass
 class EvalArgs:
-    """Settings of `valuemix eval` besides the sweep's own (see EvalConfig).
+    """Settings of `valuemix eval` besides the sweep's own (see EvalConfig)."""
 
-    Attributes:
-        out: folder for report.json and the PNG plots.
-        base: the base model (a folder or a Hub id); leave empty for the offline demo world.
-        backbone: the value backbone (a folder or a Hub id); default: the base.
-        heads: head folders or Hub ids to load onto the backbone.
-        prompts: prompts file (.txt, .jsonl or .json); default with the demo: its held-out prompts.
-        reward: NAME=SPEC rewards (see `valuemix score --help`); a head is compared with Best-of-N on the reward of its own name; default with the demo: its five rewards.
-        n_prompts: evaluate on the first N prompts only (0: all).
-        record_in_heads: write each head's measured sweep and working β range into its head_config.json
-            and model card (heads loaded from local folders, the demo's own included; not Hub ids).
-        progress: show progress bars.
-    """
-
-    out: str = field(metadata={"metavar": "DIR"})
-    base: str = ""
-    backbone: str = ""
-    heads: list[str] = field(default_factory=list)
-    prompts: str = ""
-    reward: list[str] = field(default_factory=list)
-    n_prompts: int = 0
-    record_in_heads: bool = False
-    progress: bool = True
+    out: str = field(metadata={"metavar": "DIR", "help": "folder for report.json and the PNG plots"})
+    base: str = field(default="", metadata={
+        "help": "the base model (a folder or a Hub id); leave empty for the offline demo world"})
+    backbone: str = field(default="", metadata={"help": "the value backbone (a folder or a Hub id); if not given: the base"})
+    heads: list[str] = field(default_factory=list, metadata={
+        "help": "head folders or Hub ids to load onto the backbone"})
+    prompts: str = field(default="", metadata={
+        "help": "prompts file (.txt, .jsonl or .json); if not given, with the demo: its held-out prompts"})
+    reward: list[str] = field(default_factory=list, metadata={"help": (
+        "NAME=SPEC rewards (see `valuemix score --help`); a head is compared with Best-of-N on the reward"
+        " of its own name; if not given, with the demo: its five rewards"
+    )})
+    n_prompts: int = field(default=0, metadata={"help": "evaluate on the first N prompts only (0: all)"})
+    record_in_heads: bool = field(default=False, metadata={"help": (
+        "write each head's measured sweep and working β range into its head_config.json and model card "
+        "(heads loaded from local folders, the demo's own included; not Hub ids)"
+    )})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 def make_eval_parser():
-    parser = make_parser("valuemix eval", __doc__)
-    add_dataclass_arguments(parser, EvalArgs)
-    add_dataclass_arguments(parser, EvalConfig, title="sweep")
-    return parser
+    return make_parser("valuemix eval", __doc__, EvalArgs, EvalConfig)
 
 
 def eval_main(argv=None) -> dict:
     """Run the evaluation, write report.json and the plots; returns the report."""
-    args = parse_args(make_eval_parser(), argv, "eval")
-    config = EvalConfig(**{f.name: _tuple(getattr(args, f.name), f.default) for f in fields(EvalConfig)})
+    args, config = parse(make_eval_parser(), argv, "eval")
     base, tokenizer, bank, prompts, rewards, folders = _world(args)
     if not args.base:  # the demo heads value chat-formatted text
         config = replace(config, chat_template=True)
@@ -69,13 +61,6 @@ def eval_main(argv=None) -> dict:
     if args.record_in_heads:
         print("\n".join(record_in_heads(bank, report, folders)))
     return report
-
-
-def _tuple(value, default):
-    """Repeatable flags arrive as lists (or None when not given)."""
-    if value is None:
-        return default
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _world(args):

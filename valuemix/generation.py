@@ -12,52 +12,39 @@ import json
 from dataclasses import dataclass, field
 
 from valuemix.commands import DTYPES, Subcommand, _absolute_if_folder
-from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.options import make_parser, parse
 
 
 @dataclass
 class GenerateArgs:
-    """Settings of `valuemix generate`.
+    """Settings of `valuemix generate`."""
 
-    Attributes:
-        base: the base model: a local folder or Hugging Face Hub id.
-        backbone: the value backbone the heads were trained on: a folder or Hub id.
-        heads: a head folder or Hub repo id to load.
-        mix: a head's coefficient, as NAME=BETA (e.g. concise=2); heads left out get β = 0.
-        prompt: a prompt to reply to.
-        prompts: a prompts file (.txt, .jsonl, .json), replied to after the --prompt ones.
-        num_layers: use only the backbone's first N decoder layers (as the heads were trained; see their card).
-        max_new_tokens: longest reply, in tokens.
-        top_k: candidates valued per step.
-        temperature: sampling temperature (> 0).
-        seed: sampling seed; the same seed gives the same replies.
-        chat_template: wrap each prompt as a user message with the tokenizer's chat template.
-        json: print one JSON object per reply instead of text.
-        device: device to run the models on.
-        dtype: dtype of the base model and the backbone.
-    """
-
-    base: str = field(metadata={"metavar": "ID_OR_PATH"})
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH"})
-    heads: list[str] = field(metadata={"metavar": "HEAD"})
-    mix: list[str] = field(default_factory=list, metadata={"metavar": "NAME=BETA"})
-    prompt: list[str] = field(default_factory=list, metadata={"metavar": "TEXT"})
-    prompts: str | None = field(default=None, metadata={"metavar": "FILE"})
-    num_layers: int | None = None
-    max_new_tokens: int = 64
-    top_k: int = 20
-    temperature: float = 1.0
-    seed: int = 0
-    chat_template: bool = False
-    json: bool = False
-    device: str = "cpu"
-    dtype: str = field(default="float32", metadata={"choices": DTYPES})
+    base: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the base model: a local folder or Hugging Face Hub id"})
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the value backbone the heads were trained on: a folder or Hub id"})
+    heads: list[str] = field(metadata={"metavar": "HEAD", "help": "a head folder or Hub repo id to load"})
+    mix: list[str] = field(default_factory=list, metadata={"metavar": "NAME=BETA",
+        "help": "a head's coefficient, as NAME=BETA (e.g. concise=2); heads left out get β = 0"})
+    prompt: list[str] = field(default_factory=list, metadata={"metavar": "TEXT", "help": "a prompt to reply to"})
+    prompts: str | None = field(default=None, metadata={"metavar": "FILE",
+        "help": "a prompts file (.txt, .jsonl, .json), replied to after the --prompt ones"})
+    num_layers: int | None = field(default=None, metadata={
+        "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest reply, in tokens"})
+    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed; the same seed gives the same replies"})
+    chat_template: bool = field(default=False, metadata={
+        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object per reply instead of text"})
+    device: str = field(default="cpu", metadata={"help": "device to run the models on"})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES,
+        "help": "dtype of the base model and the backbone"})
 
 
 def make_generate_parser():
-    parser = make_parser("valuemix generate", __doc__)
-    add_dataclass_arguments(parser, GenerateArgs)
-    return parser
+    return make_parser("valuemix generate", __doc__, GenerateArgs)
 
 
 def parse_mix(items: list[str]) -> dict[str, float]:
@@ -84,10 +71,10 @@ def generate_main(argv=None) -> list[dict]:
     from valuemix.heads.bank import ValueBank
     from valuemix.heads.loading import load_base
 
-    args = fill_dataclass(GenerateArgs, parse_args(make_generate_parser(), argv, "generate"))
+    (args,) = parse(make_generate_parser(), argv, "generate")
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
-        raise ValueError("No prompts: give --prompt TEXT (repeat it for several) or --prompts FILE.")
+        raise ValueError("No prompts: give --prompt TEXT (several: --prompt A B) or --prompts FILE.")
     weights = parse_mix(args.mix)
     base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
     bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,

@@ -8,15 +8,15 @@ Run it with `valuemix quickstart`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from valuemix.compose.evaluate import EvalConfig, measure_mix
 from valuemix.heads import rewards
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.sampling import sample_base, score
 from valuemix.heads.training import TrainConfig, train_head
-from valuemix.options import add_dataclass_arguments, fill_dataclass, parse_args
 from valuemix.options import make_parser as make_options_parser
+from valuemix.options import parse
 from valuemix.tiny import build_model, build_tokenizer, pretrain
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
@@ -24,32 +24,22 @@ COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple
 
 @dataclass
 class QuickstartConfig:
-    """Settings of the quick-start run (each is a flag of `valuemix quickstart`).
+    """Settings of the quick-start run (each is a flag of `valuemix quickstart`)."""
 
-    Attributes:
-        samples_per_prompt: base samples per training prompt.
-        new_tokens: tokens per completion.
-        epochs: TD(λ) training epochs per head.
-        top_k: candidates valued per step when mixing.
-        seed: random seed of sampling and training.
-    """
-
-    samples_per_prompt: int = 32
-    new_tokens: int = 12
-    epochs: int = 6
-    top_k: int = 10
-    seed: int = 0
+    samples_per_prompt: int = field(default=32, metadata={"help": "base samples per training prompt"})
+    new_tokens: int = field(default=12, metadata={"help": "tokens per completion"})
+    epochs: int = field(default=6, metadata={"help": "TD(λ) training epochs per head"})
+    top_k: int = field(default=10, metadata={"help": "candidates valued per step when mixing"})
+    seed: int = field(default=0, metadata={"help": "random seed of sampling and training"})
 
 
 def make_parser():
-    parser = make_options_parser("valuemix quickstart", __doc__)
-    add_dataclass_arguments(parser, QuickstartConfig)
-    return parser
+    return make_options_parser("valuemix quickstart", __doc__, QuickstartConfig)
 
 
 def main(argv=None) -> list[dict]:
     """Run the quick start; print and return one row per coefficient setting."""
-    config = fill_dataclass(QuickstartConfig, parse_args(make_parser(), argv, "quickstart"))
+    (config,) = parse(make_parser(), argv, "quickstart")
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     base = pretrain(build_model("llama", len(tokenizer), hidden=64, layers=2), tokenizer, steps=150)

@@ -117,7 +117,7 @@ def test_valuemix_eval_runs_end_to_end_from_the_command_line(tmp_path):
     bank.save_head("concise", tmp_path / "concise")
     (tmp_path / "prompts.txt").write_text("hello world\nthe cat\n")
     code = cli(["eval", "--base", str(folder), "--heads", str(tmp_path / "concise"), "--prompts",
-                str(tmp_path / "prompts.txt"), "--reward", "concise=brevity", "--betas", "-2", "--betas", "2",
+                str(tmp_path / "prompts.txt"), "--reward", "concise=brevity", "--betas", "-2", "2",
                 "--best-of", "4", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
                 "--record-in-heads", "--no-progress"])
     assert code == 0

@@ -7,10 +7,10 @@ several mixes, with every reward and the KL from the base.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from valuemix.commands import Subcommand
-from valuemix.options import add_dataclass_arguments, fill_dataclass, make_parser, parse_args
+from valuemix.options import make_parser, parse
 from valuemix.ui_command import ServeArgs
 
 MIXES = ({}, {"helpful": 4.0}, {"harmless": 4.0}, {"cheerful": 4.0}, {"concise": 4.0}, {"unlearn": 6.0},
@@ -19,36 +19,27 @@ MIXES = ({}, {"helpful": 4.0}, {"harmless": 4.0}, {"cheerful": 4.0}, {"concise":
 
 @dataclass
 class DemoArgs:
-    """Settings of `valuemix demo`.
+    """Settings of `valuemix demo`."""
 
-    Attributes:
-        ui: start the slider app (the default); --no-ui prints a table of replies and rewards instead.
-        prompts: how many held-out prompts the table shows.
-        max_new_tokens: longest reply, in tokens (in the app: the length slider's starting value).
-        top_k: candidates valued per step.
-        seed: sampling seed of the table (the same for every mix, so replies differ only by the mix).
-    """
-
-    ui: bool = True
-    prompts: int = 3
-    max_new_tokens: int = 48
-    top_k: int = 20
-    seed: int = 0
+    ui: bool = field(default=True, metadata={
+        "help": "start the slider app (the default); --no-ui prints a table of replies and rewards instead"})
+    prompts: int = field(default=3, metadata={"help": "how many held-out prompts the table shows"})
+    max_new_tokens: int = field(default=48, metadata={
+        "help": "longest reply, in tokens (in the app: the length slider's starting value)"})
+    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    seed: int = field(default=0, metadata={
+        "help": "sampling seed of the table (the same for every mix, so replies differ only by the mix)"})
 
 
 def make_demo_parser():
-    parser = make_parser("valuemix demo", __doc__)
-    add_dataclass_arguments(parser, DemoArgs)
-    add_dataclass_arguments(parser, ServeArgs, exclude=("max_new_tokens", "top_k"), title="slider app")
-    return parser
+    return make_parser("valuemix demo", __doc__, DemoArgs, ServeArgs)
 
 
 def demo_main(argv=None) -> list[dict] | None:
     """Load the demo world and serve the slider app on it, or (--no-ui) print the table of mixes."""
     from valuemix.demo import load_demo
 
-    parsed = parse_args(make_demo_parser(), argv, "demo")
-    args = fill_dataclass(DemoArgs, parsed)
+    args, serving = parse(make_demo_parser(), argv, "demo")
     if not args.ui:
         return print_table(load_demo(), args)
     from valuemix.ui_command import require_gradio, serve
@@ -57,9 +48,7 @@ def demo_main(argv=None) -> list[dict] | None:
         require_gradio()  # before loading the models
     except ImportError as err:
         raise ImportError(f"{err} (or run `valuemix demo --no-ui` for the table of replies).") from err
-    serving = fill_dataclass(ServeArgs, parsed, exclude=("max_new_tokens", "top_k"))
-    serving.max_new_tokens, serving.top_k = args.max_new_tokens, args.top_k
-    serve(load_demo(), serving)
+    serve(load_demo(), serving, args.max_new_tokens, args.top_k)
     return None
 
 
