@@ -31,11 +31,12 @@ from valuemix.heads.tokens import encode_prompts, eos_ids, position_ids_from_mas
 @torch.inference_mode()
 def reference_generate(base, tokenizer, bank: ValueBank, head: str, beta: float, prompts: Sequence[str],
                        top_k: int = 20, max_new_tokens: int = 64, seed: int = 0, *,
-                       logits_processors: Sequence = ()) -> Generation:
+                       logits_processors: Sequence = (), step_logits: list | None = None) -> Generation:
     """Sample with reference VAS decoding (one value forward per candidate); returns a `Generation`.
 
     `kl` holds KL(π_mix‖π_base) per completion (tokens outside the top-k keep their base scores).
-    `seconds` is the wall time of the decoding loop, prefill included.
+    `seconds` is the wall time of the decoding loop, prefill included. A `step_logits` list receives each
+    step's mixed logits (batch, vocab), to check this decoder against the `Mixer` on the same prefixes.
     """
     bank.check_heads([head])
     bank.check_tokenizer(tokenizer)
@@ -74,6 +75,8 @@ def reference_generate(base, tokenizer, bank: ValueBank, head: str, beta: float,
             values.append(bank.project(hidden[None, :, -1], [head])[0])  # (batch,)
         values = torch.stack(values, dim=1).to(scores.device)  # (batch, k)
         mixed = scores.scatter_add(-1, candidates, beta * (values - values.mean(-1, keepdim=True)))
+        if step_logits is not None:
+            step_logits.append(mixed.cpu())
         kl += torch.where(alive, step_kl(mixed, scores), 0.0).cpu()
         next_tokens = torch.multinomial(torch.softmax(mixed, dim=-1), 1, generator=generator).squeeze(1)
         next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, tokenizer.pad_token_id))

@@ -140,6 +140,23 @@ def hub_cache(tmp_path, monkeypatch):
     return publish
 
 
+def length_reward(prompts, completions):
+    return [len(c) / 10 for c in completions]
+
+
+def vowel_reward(prompts, completions):
+    return [sum(ch in "aeiou" for ch in c) for c in completions]
+
+
+def tiny_app_parts(examples):
+    """What the slider app steers in the UI tests: a tiny Llama, two random heads, two rule rewards."""
+    from valuemix.ui.logic import AppParts
+
+    tok = build_tokenizer()
+    return AppParts(build_model("llama", len(tok), seed=0), tok, make_bank(tok),
+                    {"length": length_reward, "vowels": vowel_reward}, examples=list(examples))
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (so that two test runs side by side never collide)."""
     import socket

@@ -104,6 +104,116 @@ def slider_step(low: float, high: float) -> float:
     return 0.1 if high - low >= 2 else 0.01
 
 
+class Handlers:
+    """The page's event handlers for one `AppParts` (methods, so that gradio reads their type hints)."""
+
+    def __init__(self, parts: AppParts):
+        self.parts = parts
+        self.heads = parts.heads
+
+    def show_mix(self, text, n_tokens, seed_value, points, x, y, *betas):
+        """Base and mixed replies, streamed; then scores, plot, history, status and "why this token".
+
+        Yields values for [base, mixed, scores, plot, history, last, status, step, why]; the streamed
+        ones leave all but the two replies unchanged.
+        """
+        yield from self._generate(False, text, n_tokens, seed_value, points, x, y, betas)
+
+    def show_mix_live(self, text, n_tokens, seed_value, points, x, y, *betas):
+        """`show_mix` after a slider moved: without a prompt yet, a hint instead of a warning."""
+        yield from self._generate(True, text, n_tokens, seed_value, points, x, y, betas)
+
+    def _generate(self, live, text, n_tokens, seed_value, points, x, y, betas):
+        parts = self.parts
+        if live and not (text or "").strip():
+            gr.Info("Type a prompt (or pick an example) to see this mix.")
+            return
+        try:
+            request = validate_request(parts, text, dict(zip(self.heads, betas)), n_tokens, seed_value)
+        except RequestError as err:
+            gr.Warning(str(err))
+            return
+        start = time.perf_counter()
+        try:
+            for partial in run_mix(parts, request):
+                if partial.outcome is None:
+                    yield partial.base_text, partial.mixed_text, *[gr.skip()] * 7
+            outcome = partial.outcome
+            points = record(points, outcome)
+            first = first_divergence(outcome.base.token_ids, outcome.mixed.token_ids)
+            explained = why_frame(parts, explain_step(parts, outcome, first))
+        except Exception as err:  # the page says what failed; the app stays up
+            logger.exception("generation failed")
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from err
+        yield (outcome.base.text, outcome.mixed.text, scores_frame(parts, outcome), plot_update(points, x, y), points,
+               outcome, status_line(points, outcome, time.perf_counter() - start),
+               gr.Dropdown(choices=step_choices(parts.tokenizer, outcome.mixed.token_ids), value=first), explained)
+
+    def share_link(self, url, *betas) -> str:
+        """The page URL with this mix as its query string."""
+        return (url or "") + mix_to_query(dict(zip(self.heads, betas)))
+
+    def reset(self) -> list[float]:
+        return list(default_weights(self.parts.bank).values())
+
+    def save_preset(self, name, saved, *betas):
+        try:
+            saved = save_preset(saved, name, dict(zip(self.heads, betas)))
+        except RequestError as err:
+            gr.Warning(str(err))
+            return gr.skip(), gr.skip()
+        gr.Info(f"Saved preset {name.strip()!r}: {mix_label(saved[name.strip()])}")
+        return saved, gr.Dropdown(choices=list(saved), value=name.strip())
+
+    def load_preset(self, name, saved):
+        try:
+            weights = load_preset(saved, name)
+        except RequestError as err:
+            gr.Warning(str(err))
+            return [gr.skip()] * len(self.heads)
+        return [weights.get(h, 0.0) for h in self.heads]
+
+    def page_load(self, request: gr.Request):
+        """Sliders from the page's query string (`?helpful=1.5&concise=-0.5`), and the page URL for sharing."""
+        url = (request.headers.get("referer") or "").split("?")[0] if request else ""
+        weights = default_weights(self.parts.bank)
+        try:
+            weights = mix_from_query(self.parts.bank, dict(request.query_params), strict=False) if request else weights
+        except RequestError as err:
+            gr.Warning(f"Ignored the mix in the link: {err}")
+        return [*weights.values(), url, url + mix_to_query(weights)]
+
+    def explain(self, outcome, chosen):
+        """The "why this token" table at the chosen step."""
+        if outcome is None or chosen is None:
+            return gr.skip()
+        try:
+            return why_frame(self.parts, explain_step(self.parts, outcome, int(chosen)))
+        except RequestError as err:
+            gr.Warning(str(err))
+            return gr.skip()
+        except Exception as err:
+            logger.exception("explaining a step failed")
+            raise gr.Error(f"Could not explain step {chosen}: {err}", print_exception=False) from err
+
+    def api_generate(self, prompt: str, weights: str | dict = "{}", max_new_tokens: int = 64,
+                     seed: int = 0) -> tuple[str, dict]:
+        """Generate with a mix: (mixed text, {"rewards", "kl", "weights", "seed", "base": {...}}).
+
+        weights: a JSON object string or a dict head -> coefficient (heads left out are 0).
+        """
+        try:
+            request = validate_request(self.parts, prompt, weights, max_new_tokens, seed)
+        except RequestError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        try:
+            outcome = run_mix_once(self.parts, request)
+        except Exception as err:  # the caller gets the message; the app stays up
+            logger.exception("generation failed")
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from err
+        return outcome.mixed.text, outcome.summary()
+
+
 def build_app(world, *, concurrency_limit: int = 2, max_new_tokens: int = 64, top_k: int = 20,
               title: str = "valuemix") -> gr.Blocks:
     """The slider app for `world`: an `AppParts` or anything like `DemoWorld` (base, tokenizer, bank, ...).
@@ -177,127 +287,24 @@ def build_app(world, *, concurrency_limit: int = 2, max_new_tokens: int = 64, to
             why = gr.Dataframe(label="top-k candidates: base logit + each head's column β·(V − mean V) = final logit",
                                interactive=False, elem_id="why")
 
-        # ------------------------------------------------------------------------------- handlers
-        def make_generate(live: bool):
-            def handler(text, n_tokens, seed_value, points, x, y, *betas):
-                if live and not (text or "").strip():
-                    gr.Info("Type a prompt (or pick an example) to see this mix.")
-                    return
-                try:
-                    request = validate_request(parts, text, dict(zip(heads, betas)), n_tokens, seed_value)
-                except RequestError as err:
-                    gr.Warning(str(err))
-                    return
-                start = time.perf_counter()
-                try:
-                    for partial in run_mix(parts, request):
-                        if partial.outcome is None:
-                            yield {base_box: partial.base_text, mixed_box: partial.mixed_text}
-                    outcome = partial.outcome
-                    points = record(points, outcome)
-                    first = first_divergence(outcome.base.token_ids, outcome.mixed.token_ids)
-                    explained = why_frame(parts, explain_step(parts, outcome, first))
-                except Exception as err:  # the page says what failed; the app stays up
-                    logger.exception("generation failed")
-                    raise gr.Error(f"Generation failed: {err}", print_exception=False) from err
-                yield {base_box: outcome.base.text, mixed_box: outcome.mixed.text,
-                       scores: scores_frame(parts, outcome), plot: plot_update(points, x, y), history: points,
-                       last: outcome, status: status_line(points, outcome, time.perf_counter() - start),
-                       step: gr.Dropdown(choices=step_choices(parts.tokenizer, outcome.mixed.token_ids),
-                                         value=first),
-                       why: explained}
-            return handler
-
+        # ------------------------------------------------------------------------------- events
+        on = Handlers(parts)
         inputs = [prompt, tokens, seed, history, x_axis, y_axis, *sliders]
-        outputs = [base_box, mixed_box, scores, plot, history, last, status, step, why]
+        outputs = [base_box, mixed_box, scores, plot, history, last, status, step, why]  # as Handlers.show_mix yields
         private = {"api_visibility": "private"}
         decoding = {"trigger_mode": "always_last", "concurrency_id": "decoding", **private}  # one pool of N workers
-        gr.on([run.click, prompt.submit], make_generate(live=False), inputs, outputs, **decoding)
-        gr.on([s.release for s in sliders], make_generate(live=True), inputs, outputs, **decoding)
-
-        def on_share(url, *betas):
-            return (url or "") + mix_to_query(dict(zip(heads, betas)))
-
-        gr.on([s.change for s in sliders], on_share, [page_url, *sliders], share, trigger_mode="always_last",
+        gr.on([run.click, prompt.submit], on.show_mix, inputs, outputs, **decoding)
+        gr.on([s.release for s in sliders], on.show_mix_live, inputs, outputs, **decoding)
+        gr.on([s.change for s in sliders], on.share_link, [page_url, *sliders], share, trigger_mode="always_last",
               queue=False, show_progress="hidden", **private)
-
-        def on_reset():
-            return list(default_weights(parts.bank).values())
-
-        reset.click(on_reset, None, sliders, **private).then(make_generate(live=True), inputs, outputs, **decoding)
-
-        def on_save(name, saved, *betas):
-            try:
-                saved = save_preset(saved, name, dict(zip(heads, betas)))
-            except RequestError as err:
-                gr.Warning(str(err))
-                return gr.skip(), gr.skip()
-            gr.Info(f"Saved preset {name.strip()!r}: {mix_label(saved[name.strip()])}")
-            return saved, gr.Dropdown(choices=list(saved), value=name.strip())
-
-        save.click(on_save, [preset_name, presets, *sliders], [presets, preset_pick], **private)
-
-        def on_load_preset(name, saved):
-            try:
-                weights = load_preset(saved, name)
-            except RequestError as err:
-                gr.Warning(str(err))
-                return [gr.skip()] * len(heads)
-            return [weights.get(h, 0.0) for h in heads]
-
-        load.click(on_load_preset, [preset_pick, presets], sliders, **private).then(
-            make_generate(live=True), inputs, outputs, **decoding)
-
-        def on_page_load(request: gr.Request):
-            """Sliders from the page's query string (`?helpful=1.5&concise=-0.5`), and the page URL for sharing."""
-            url = (request.headers.get("referer") or "").split("?")[0] if request else ""
-            weights = default_weights(parts.bank)
-            try:
-                weights = mix_from_query(parts.bank, dict(request.query_params), strict=False) if request else weights
-            except RequestError as err:
-                gr.Warning(f"Ignored the mix in the link: {err}")
-            return [*weights.values(), url, url + mix_to_query(weights)]
-
-        app.load(on_page_load, None, [*sliders, page_url, share], **private)
-
-        def on_axes(points, x, y):
-            return plot_update(points, x, y)
-
-        gr.on([x_axis.change, y_axis.change], on_axes, [history, x_axis, y_axis], plot, queue=False, **private)
-
-        def on_step(outcome, chosen):
-            if outcome is None or chosen is None:
-                return gr.skip()
-            try:
-                return why_frame(parts, explain_step(parts, outcome, int(chosen)))
-            except RequestError as err:
-                gr.Warning(str(err))
-                return gr.skip()
-            except Exception as err:
-                logger.exception("explaining a step failed")
-                raise gr.Error(f"Could not explain step {chosen}: {err}", print_exception=False) from err
-
-        step.input(on_step, [last, step], why, **decoding)
-
-        # ----------------------------------------------------------------------------------- API
-        def generate(prompt: str, weights: str | dict = "{}", max_new_tokens: int = 64,
-                     seed: int = 0) -> tuple[str, dict]:
-            """Generate with a mix: (mixed text, {"rewards", "kl", "weights", "seed", "base": {...}}).
-
-            weights: a JSON object string or a dict head -> coefficient (heads left out are 0).
-            """
-            try:
-                request = validate_request(parts, prompt, weights, max_new_tokens, seed)
-            except RequestError as err:
-                raise gr.Error(str(err), print_exception=False) from err
-            try:
-                outcome = run_mix_once(parts, request)
-            except Exception as err:  # the caller gets the message; the app stays up
-                logger.exception("generation failed")
-                raise gr.Error(f"Generation failed: {err}", print_exception=False) from err
-            return outcome.mixed.text, outcome.summary()
-
-        gr.api(generate, api_name="generate", concurrency_id="decoding")
+        reset.click(on.reset, None, sliders, **private).then(on.show_mix_live, inputs, outputs, **decoding)
+        save.click(on.save_preset, [preset_name, presets, *sliders], [presets, preset_pick], **private)
+        load.click(on.load_preset, [preset_pick, presets], sliders, **private).then(
+            on.show_mix_live, inputs, outputs, **decoding)
+        app.load(on.page_load, None, [*sliders, page_url, share], **private)
+        gr.on([x_axis.change, y_axis.change], plot_update, [history, x_axis, y_axis], plot, queue=False, **private)
+        step.input(on.explain, [last, step], why, **decoding)
+        gr.api(on.api_generate, api_name="generate", concurrency_id="decoding")
     app.queue(default_concurrency_limit=concurrency_limit)
     return app
 

@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import SuppressTokensLogitsProcessor
 
 from valuemix.heads.atomic import atomic_write_text
 from valuemix.options import make_parser as make_options_parser
 from valuemix.options import parse
+from valuemix.tiny import build_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 
@@ -95,25 +97,14 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def llama_config(cfg: BenchConfig, layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=layers,
-                       num_attention_heads=cfg.attention_heads, num_key_value_heads=cfg.kv_heads,
-                       vocab_size=cfg.vocab, tie_word_embeddings=True, max_position_embeddings=2048,
-                       rope_theta=100000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
 def build_models(cfg: BenchConfig):
-    """(base LlamaForCausalLM, backbone LlamaModel): random, float32, eval mode, sdpa attention."""
-    from transformers import LlamaForCausalLM, LlamaModel
-
-    torch.manual_seed(cfg.seed)
-    base = LlamaForCausalLM._from_config(llama_config(cfg, cfg.layers), attn_implementation="sdpa",
-                                         dtype=torch.float32).eval()
-    torch.manual_seed(cfg.seed + 1)
-    backbone = LlamaModel._from_config(llama_config(cfg, cfg.backbone_layers or cfg.layers),
-                                       attn_implementation="sdpa", dtype=torch.float32).eval()
+    """(base, backbone): random Llama causal LMs of the configured shape (`valuemix.tiny.build_model`), float32."""
+    shape = dict(intermediate_size=cfg.intermediate, num_attention_heads=cfg.attention_heads,
+                 num_key_value_heads=cfg.kv_heads, tie_word_embeddings=True, max_position_embeddings=2048,
+                 rope_theta=100000.0)
+    base = build_model("llama", cfg.vocab, seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, **shape)
+    backbone = build_model("llama", cfg.vocab, seed=cfg.seed + 1, hidden=cfg.hidden,
+                           layers=cfg.backbone_layers or cfg.layers, **shape)
     return base, backbone
 
 
@@ -122,16 +113,6 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[str]
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (n, length), generator=generator)
     return [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
-
-
-class BanTokens:
-    """A logits processor that makes some ids impossible (the specials: no EOS, so every run is full length)."""
-
-    def __init__(self, ids):
-        self.ids = torch.tensor(sorted(ids))
-
-    def __call__(self, input_ids, scores):
-        return scores.index_fill(-1, self.ids.to(scores.device), -torch.inf)
 
 
 def randomise_head(bank, name: str, seed: int, lora_scale: float = 0.02, value_scale: float | None = None) -> None:
@@ -268,7 +249,7 @@ def run(cfg: BenchConfig) -> dict:
     tokenizer = build_tokenizer(cfg.vocab)
     base, backbone = build_models(cfg)
     banks = {n: make_bank(backbone, tokenizer, n, seed=cfg.seed) for n in sorted(set(cfg.heads))}
-    ban = BanTokens(range(len(SPECIAL_TOKENS)))
+    ban = SuppressTokensLogitsProcessor(list(range(len(SPECIAL_TOKENS))))  # no EOS: every run is full length
     prompts = {b: random_prompts(b, cfg.prompt_tokens, cfg.vocab, cfg.seed + b) for b in cfg.batch}
     cases = _decode_cases(cfg, base, tokenizer, banks, ban)
     train_steps = 1 if cfg.train else 0

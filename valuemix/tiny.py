@@ -44,12 +44,15 @@ def build_tokenizer(vocab_size: int = 320, corpus=CORPUS) -> PreTrainedTokenizer
     return tokenizer
 
 
-def build_model(family: str, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A small randomly initialised causal LM of one family ('llama', 'gpt2', 'qwen2'), in eval mode."""
+def build_model(family: str, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, **shape):
+    """A small randomly initialised causal LM of one family ('llama', 'gpt2', 'qwen2'), in eval mode.
+
+    shape: config values that replace the defaults of a Llama/Qwen2 decoder (e.g. num_attention_heads=9).
+    """
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     decoder = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common) | shape
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif family == "qwen2":

@@ -79,14 +79,13 @@ def test_rows_stop_at_their_own_eos(tok):
     assert len(set(lengths)) > 1
 
 
-def test_bad_input_gets_clear_errors(tok):
-    base, bank = build_model("llama", len(tok)), make_bank(tok)
-    mixer = vm.Mixer(bank, {"helpful": 1.0})
-    with pytest.raises(ValueError, match="Prompt 1 is empty"):
-        vm.generate(base, tok, ["hi", "  "], mixer)
-    with pytest.raises(ValueError, match="No prompts given"):
-        vm.generate(base, tok, [], mixer)
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
-        vm.generate(base, tok, ["hi"], mixer, max_new_tokens=0)
-    with pytest.raises(ValueError, match="Tokenizer mismatch"):
-        vm.generate(base, build_tokenizer(vocab_size=300), ["hi"], mixer)
+@pytest.mark.parametrize("prompts, settings, other_tokenizer, message", [
+    (["hi", "  "], {}, False, "Prompt 1 is empty"),
+    ([], {}, False, "No prompts given"),
+    (["hi"], {"max_new_tokens": 0}, False, "max_new_tokens must be at least 1"),
+    (["hi"], {}, True, "Tokenizer mismatch"),
+], ids=["empty prompt", "no prompts", "no new tokens", "other tokenizer"])
+def test_bad_input_gets_a_clear_error(tok, prompts, settings, other_tokenizer, message):
+    base, mixer = build_model("llama", len(tok)), vm.Mixer(make_bank(tok), {"helpful": 1.0})
+    with pytest.raises(ValueError, match=message):
+        vm.generate(base, build_tokenizer(vocab_size=300) if other_tokenizer else tok, prompts, mixer, **settings)

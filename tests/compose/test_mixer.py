@@ -134,16 +134,15 @@ def test_set_weights_changes_the_mix_without_reloading(tok):
                                atol=2 * VALUE_ATOL, rtol=0)  # β doubled: so is the tolerance
 
 
-def test_bad_weights_get_clear_errors(tok):
-    bank = make_bank(tok)
-    with pytest.raises(KeyError, match="Unknown head 'helpfull'. Heads on this bank: 'helpful', 'concise'"):
-        vm.Mixer(bank, {"helpfull": 1.0})
-    with pytest.raises(ValueError, match=r"Coefficient 50.0 for head 'helpful' is outside its range \[-10.0, 10.0\]"):
-        vm.Mixer(bank, {"helpful": 50.0})
-    with pytest.raises(ValueError, match="must be a finite number, got nan"):
-        vm.Mixer(bank, {"helpful": float("nan")})
-    with pytest.raises(ValueError, match="top_k must be a positive integer"):
-        vm.Mixer(bank, {}, top_k=0)
+@pytest.mark.parametrize("weights, top_k, error, message", [
+    ({"helpfull": 1.0}, 20, KeyError, "Unknown head 'helpfull'. Heads on this bank: 'helpful', 'concise'"),
+    ({"helpful": 50.0}, 20, ValueError, r"Coefficient 50.0 for head 'helpful' is outside its range \[-10.0, 10.0\]"),
+    ({"helpful": float("nan")}, 20, ValueError, "must be a finite number, got nan"),
+    ({}, 0, ValueError, "top_k must be a positive integer"),
+], ids=["unknown head", "out of range", "nan", "top_k 0"])
+def test_bad_weights_get_a_clear_error(tok, weights, top_k, error, message):
+    with pytest.raises(error, match=message):
+        vm.Mixer(make_bank(tok), weights, top_k=top_k)
 
 
 def test_tokenizer_mismatch_is_refused(tok):

@@ -130,13 +130,6 @@ def test_gradient_checkpointing_recomputes_the_layers_and_fits_the_same_head(tok
     assert not banks[True].decoder.is_activation_checkpointing and not banks[True].decoder.layers[0].training
 
 
-def test_bad_scaling_settings_are_refused():
-    with pytest.raises(ValueError, match="gradient_accumulation_steps must be at least 1"):
-        TrainConfig(gradient_accumulation_steps=0)
-    with pytest.raises(ValueError, match="mixed_precision must be 'no', 'bf16' or 'fp16' \\(got 'fp8'\\)"):
-        TrainConfig(mixed_precision="fp8")
-
-
 def test_mixed_precision_can_be_chosen_after_sampling_in_the_same_process(tmp_path):
     """Sampling must not pin accelerate's per-process mixed precision before training picks it."""
     program = """

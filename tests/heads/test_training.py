@@ -96,22 +96,33 @@ def test_resume_gives_the_same_head_as_an_uninterrupted_run(tok, samples, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
-def test_bad_training_data_gets_clear_errors(tok, samples):
-    bank = make_bank(tok, heads=("vowels",))
-    with pytest.raises(ValueError, match=r"no column\(s\) \['helpful'\]"):
-        train_head(bank, "vowels", samples, reward="helpful")
-    with pytest.raises(KeyError, match="Unknown head 'nope'"):
-        train_head(bank, "nope", samples, reward="vowels")
-    broken = samples.map(lambda row, i: {"vowels": float("nan") if i == 3 else row["vowels"]}, with_indices=True)
-    with pytest.raises(ValueError, match="Reward 'vowels' is not a finite number at row 3"):
-        train_head(bank, "vowels", broken, reward="vowels")
-    other = make_bank(build_tokenizer(vocab_size=300), heads=("vowels",))
-    with pytest.raises(ValueError, match="The samples were tokenized with tokenizer"):
-        train_head(other, "vowels", samples, reward="vowels")
-    with pytest.raises(ValueError, match="lam must be in"):
-        TrainConfig(lam=1.5)
-    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
-        TrainConfig(resume=True)
+def nan_at_row_3(samples):
+    return samples.map(lambda row, i: {"vowels": float("nan") if i == 3 else row["vowels"]}, with_indices=True)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("missing reward column", ValueError, r"no column\(s\) \['helpful'\]"),
+    ("unknown head", KeyError, "Unknown head 'nope'"),
+    ("NaN reward", ValueError, "Reward 'vowels' is not a finite number at row 3"),
+    ("other tokenizer", ValueError, "The samples were tokenized with tokenizer"),
+])
+def test_bad_training_data_gets_a_clear_error(tok, samples, case, error, message):
+    bank = make_bank(build_tokenizer(vocab_size=300) if case == "other tokenizer" else tok, heads=("vowels",))
+    head, reward = {"unknown head": ("nope", "vowels"), "missing reward column": ("vowels", "helpful")}.get(
+        case, ("vowels", "vowels"))
+    with pytest.raises(error, match=message):
+        train_head(bank, head, nan_at_row_3(samples) if case == "NaN reward" else samples, reward=reward)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lam": 1.5}, "lam must be in"),
+    ({"resume": True}, "resume=True needs checkpoint_dir"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be 'no', 'bf16' or 'fp16' \\(got 'fp8'\\)"),
+])
+def test_bad_train_config_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
 
 
 @pytest.mark.parametrize("train_seed", [0, 1])

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import build_model, build_tokenizer, make_bank, serving
+from conftest import build_model, build_tokenizer, serving, tiny_app_parts
 
 import gradio  # noqa: F401  (the ui extra; installed by the README and .ci/run)
 from gradio_client import Client
@@ -29,19 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 30_000  # ms, for page expectations
 
 
-def length_reward(prompts, completions):
-    return [len(c) / 10 for c in completions]
-
-
-def vowel_reward(prompts, completions):
-    return [sum(ch in "aeiou" for ch in c) for c in completions]
-
-
 @pytest.fixture(scope="module")
 def parts():
-    tok = build_tokenizer()
-    return AppParts(build_model("llama", len(tok), seed=0), tok, make_bank(tok),
-                    {"length": length_reward, "vowels": vowel_reward}, examples=["the cat sat", "hello world"])
+    return tiny_app_parts(examples=["the cat sat", "hello world"])
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +202,14 @@ def test_valuemix_ui_loads_folders_and_serves_on_localhost(tmp_path, monkeypatch
     bank.add_head("polite")
     bank.save_head("polite", tmp_path / "polite")
     served = {}
-    monkeypatch.setattr("valuemix.ui_command.serve", lambda world, args: served.update(world=world, args=args))
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda world, args, max_new_tokens, top_k: served.update(
+                        world=world, args=args, max_new_tokens=max_new_tokens, top_k=top_k))
     assert cli(["ui", "--base", str(tmp_path / "base"), "--backbone", str(tmp_path / "backbone"),
                 "--heads", str(tmp_path / "polite"), "--reward", "short=brevity", "vowels=regex:[aeiou]:count"]) == 0
     world, args = served["world"], served["args"]
     assert world.bank.heads == ["polite"] and list(world.rewards) == ["short", "vowels"]
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert (served["max_new_tokens"], served["top_k"]) == (64, 20)
     build_app(world).close()
 
 
@@ -227,10 +219,11 @@ def test_valuemix_demo_serves_the_app_by_default(monkeypatch):
     world = object()
     served = {}
     monkeypatch.setattr(valuemix.demo, "load_demo", lambda: world)
-    monkeypatch.setattr("valuemix.ui_command.serve", lambda w, args: served.update(world=w, args=args))
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda w, args, max_new_tokens, top_k: served.update(
+                        world=w, args=args, max_new_tokens=max_new_tokens))
     assert cli(["demo", "--port", "7861", "--max-new-tokens", "32"]) == 0
     assert served["world"] is world
-    assert (served["args"].host, served["args"].port, served["args"].max_new_tokens) == ("127.0.0.1", 7861, 32)
+    assert (served["args"].host, served["args"].port, served["max_new_tokens"]) == ("127.0.0.1", 7861, 32)
 
 
 def test_without_gradio_valuemix_demo_says_what_to_install(monkeypatch, capsys):

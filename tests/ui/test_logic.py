@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, make_bank
+from conftest import tiny_app_parts, vowel_reward
 from valuemix.ui.logic import (
     KL_AXIS,
     MAX_NEW_TOKENS,
@@ -30,19 +30,9 @@ import valuemix as vm
 from valuemix.compose.candidates import VALUE_ATOL
 
 
-def length_reward(prompts, completions):
-    return [len(c) / 10 for c in completions]
-
-
-def vowel_reward(prompts, completions):
-    return [sum(ch in "aeiou" for ch in c) for c in completions]
-
-
 @pytest.fixture(scope="module")
 def parts():
-    tok = build_tokenizer()
-    return AppParts(build_model("llama", len(tok), seed=0), tok, make_bank(tok),
-                    {"length": length_reward, "vowels": vowel_reward}, examples=["the cat sat"])
+    return tiny_app_parts(examples=["the cat sat"])
 
 
 def ask(parts, weights, prompt="the cat sat on", tokens=12, seed=0):
