@@ -1,4 +1,4 @@
-"""The pipeline every recipe runs: prompts → base samples → rewards → heads → evaluation → Hub, as one function.
+"""The recipes' pipeline as one function: prompts → base samples → rewards → heads → evaluation → Hub.
 
     config = PipelineConfig(out="runs/short", base=BASE, backbone=BACKBONE, chat_template=True)
     run_pipeline(config, lambda config, tokenizer: Task(train_prompts, eval_prompts, {"short": brevity()}))

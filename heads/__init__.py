@@ -1,1 +1,2 @@
-"""valuemix.heads: the value bank, head files, TD(λ) training, base sampling and rewards."""
+"""valuemix.heads (folder heads/), the bottom layer: the value bank, head files and the Hub, TD(λ) training,
+base sampling and rewards, with the loading, tokens, fingerprint, process and atomic-write helpers they share."""

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -126,6 +127,7 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     rewards, prompt_ids, completion_ids = _checked_data(bank, load_samples(samples), reward)
     mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
     targets = (rewards - mean) / std
+    data = TrainingData(prompt_ids, completion_ids, targets)
 
     named = bank.head_parameters(name)
     params = list(named.values())
@@ -160,8 +162,7 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
                         break
                     rows = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size].tolist()
                     with explain_out_of_memory(f"Training head '{name}' (batch_size {config.batch_size})"):
-                        loss, n_states = _step(bank, name, optimizer, params, config, accelerator, rows,
-                                               prompt_ids, completion_ids, targets)
+                        loss, n_states = _step(bank, name, optimizer, config, accelerator, data, rows)
                     state["step"] = step + 1
                     state["states"] += n_states
                     state["history"].append({"step": step + 1, "epoch": epoch, "loss": loss})
@@ -192,8 +193,17 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     return metrics
 
 
-def _step(bank, name, optimizer, params, config, accelerator, rows, prompt_ids, completion_ids, targets):
-    """One optimisation step on the batch `rows`; returns (loss, number of states), both over all processes.
+class TrainingData(NamedTuple):
+    """A head's training rows: token ids without padding, and the standardised reward of each row."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    targets: torch.Tensor
+
+
+def _step(bank, name: str, optimizer, config: TrainConfig, accelerator: Accelerator, data: TrainingData,
+          rows: list[int]):
+    """One optimisation step on the batch `rows` of `data`; returns (loss, number of states), over all processes.
 
     Each process takes every n-th row and splits them into `gradient_accumulation_steps` passes; the
     loss is ½ · the sum of squared errors / the batch's state count, so the summed gradients are
@@ -203,8 +213,9 @@ def _step(bank, name, optimizer, params, config, accelerator, rows, prompt_ids, 
     size = max(1, math.ceil(len(mine) / config.gradient_accumulation_steps))
     parts = [mine[i:i + size] for i in range(0, len(mine), size)]
     pad_id = bank.tokenizer.pad_token_id or 0
-    batches = [_collate([prompt_ids[i] for i in part], [completion_ids[i] for i in part], config.max_length, pad_id)
-               for part in parts]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batches = [_collate([data.prompt_ids[i] for i in part], [data.completion_ids[i] for i in part], config.max_length,
+                        pad_id) for part in parts]
     n_states = accelerator.reduce(torch.tensor(sum(int(b[2].sum()) for b in batches), device=bank.device), "sum")
     optimizer.zero_grad(set_to_none=True)
     squared_sum = torch.zeros((), device=bank.device)
@@ -213,7 +224,7 @@ def _step(bank, name, optimizer, params, config, accelerator, rows, prompt_ids, 
         with accelerator.autocast():
             hidden = bank.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             values = bank.project(hidden[None], [name])[0].float()  # (batch, seq)
-        returns = td_targets(values.detach(), targets[part].to(values), states, config.lam)
+        returns = td_targets(values.detach(), data.targets[part].to(values), states, config.lam)
         squared = 0.5 * ((values - returns) ** 2 * states).sum()
         accelerator.backward(squared / n_states)
         squared_sum += squared.detach()
