@@ -34,6 +34,39 @@ class Subcommand(NamedTuple):
     main: Callable
 
 
+# ------------------------------------------------------------------------------- steering a base
+@dataclass
+class ModelArgs:
+    """The models `valuemix generate` and `valuemix ui` steer."""
+
+    base: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the base model: a local folder or Hugging Face Hub id"})
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
+        "help": "the value backbone the heads were trained on: a folder or Hub id"})
+    heads: list[str] = field(metadata={"metavar": "HEAD", "help": "head folders or Hub repo ids to load"})
+    num_layers: int | None = field(default=None, metadata={
+        "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
+    chat_template: bool = field(default=False, metadata={
+        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
+    device: str = field(default="cpu", metadata={"help": "device to run the models on"})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES,
+        "help": "dtype of the base model and the backbone"})
+
+
+def load_models(args: ModelArgs):
+    """(base, tokenizer, bank with the heads loaded) from the flags."""
+    import torch
+
+    from valuemix.heads.bank import ValueBank
+    from valuemix.heads.loading import load_base
+
+    base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
+    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+                     num_layers=args.num_layers)
+    bank.load_head([_absolute_if_folder(h) for h in args.heads])
+    return base, tokenizer, bank
+
+
 # ------------------------------------------------------------------------------------------ sample
 @dataclass
 class SampleArgs:

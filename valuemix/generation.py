@@ -11,40 +11,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from valuemix.commands import DTYPES, Subcommand, _absolute_if_folder
+from valuemix.commands import ModelArgs, Subcommand, load_models
 from valuemix.options import make_parser, parse
 
 
 @dataclass
 class GenerateArgs:
-    """Settings of `valuemix generate`."""
+    """What `valuemix generate` replies to, and how (the models are `ModelArgs`)."""
 
-    base: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the base model: a local folder or Hugging Face Hub id"})
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone the heads were trained on: a folder or Hub id"})
-    heads: list[str] = field(metadata={"metavar": "HEAD", "help": "a head folder or Hub repo id to load"})
     mix: list[str] = field(default_factory=list, metadata={"metavar": "NAME=BETA",
         "help": "a head's coefficient, as NAME=BETA (e.g. concise=2); heads left out get β = 0"})
     prompt: list[str] = field(default_factory=list, metadata={"metavar": "TEXT", "help": "a prompt to reply to"})
     prompts: str | None = field(default=None, metadata={"metavar": "FILE",
         "help": "a prompts file (.txt, .jsonl, .json), replied to after the --prompt ones"})
-    num_layers: int | None = field(default=None, metadata={
-        "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest reply, in tokens"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     seed: int = field(default=0, metadata={"help": "sampling seed; the same seed gives the same replies"})
-    chat_template: bool = field(default=False, metadata={
-        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
     json: bool = field(default=False, metadata={"help": "print one JSON object per reply instead of text"})
-    device: str = field(default="cpu", metadata={"help": "device to run the models on"})
-    dtype: str = field(default="float32", metadata={"choices": DTYPES,
-        "help": "dtype of the base model and the backbone"})
 
 
 def make_generate_parser():
-    return make_parser("valuemix generate", __doc__, GenerateArgs)
+    return make_parser("valuemix generate", __doc__, ModelArgs, GenerateArgs)
 
 
 def parse_mix(items: list[str]) -> dict[str, float]:
@@ -63,26 +51,19 @@ def parse_mix(items: list[str]) -> dict[str, float]:
 
 def generate_main(argv=None) -> list[dict]:
     """Load the base, the backbone and the heads; print the mixed reply to every prompt."""
-    import torch
-
     from valuemix.commands import read_prompts
     from valuemix.compose.generate import generate
     from valuemix.compose.mixer import Mixer
-    from valuemix.heads.bank import ValueBank
-    from valuemix.heads.loading import load_base
 
-    (args,) = parse(make_generate_parser(), argv, "generate")
+    models, args = parse(make_generate_parser(), argv, "generate")
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise ValueError("No prompts: give --prompt TEXT (several: --prompt A B) or --prompts FILE.")
     weights = parse_mix(args.mix)
-    base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
-                     num_layers=args.num_layers)
-    bank.load_head([_absolute_if_folder(h) for h in args.heads])
+    base, tokenizer, bank = load_models(models)
     mixer = Mixer(bank, weights, top_k=args.top_k, tokenizer=tokenizer)
     out = generate(base, tokenizer, prompts, mixer, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed, chat_template=args.chat_template)
+                   temperature=args.temperature, seed=args.seed, chat_template=models.chat_template)
     rows = [{"prompt": p, "reply": t, "kl": kl} for p, t, kl in zip(prompts, out.texts, out.kl)]
     for row in rows:
         print(json.dumps(row) if args.json else f"### {row['prompt']}\n{row['reply']}\n(KL from the base "

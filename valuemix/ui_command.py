@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from valuemix.commands import DTYPES, Subcommand, _absolute_if_folder
+from valuemix.commands import ModelArgs, Subcommand, load_models
 from valuemix.options import make_parser, parse
 
 UI_INSTALL = "pip install 'valuemix[ui]'"
@@ -32,27 +32,15 @@ class ServeArgs:
 
 @dataclass
 class UiArgs:
-    """The models `valuemix ui` steers."""
+    """What the app scores and offers, and its decoding defaults (the models are `ModelArgs`)."""
 
-    base: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the base model: a local folder or Hugging Face Hub id"})
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone the heads were trained on: a folder or Hub id"})
-    heads: list[str] = field(metadata={"metavar": "HEAD", "help": "head folders or Hub repo ids, one slider each"})
     reward: list[str] = field(default_factory=list, metadata={"metavar": "NAME=SPEC",
         "help": "rewards to score every reply with, as NAME=SPEC (e.g. short=brevity)"})
-    num_layers: int | None = field(default=None, metadata={
-        "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
-    chat_template: bool = field(default=False, metadata={
-        "help": "wrap each prompt as a user message with the tokenizer's chat template"})
     examples: str | None = field(default=None, metadata={"metavar": "FILE",
         "help": "a prompts file (.txt, .jsonl, .json) whose prompts are offered as examples"})
     max_new_tokens: int = field(default=64, metadata={
         "help": "the length slider's starting value (requests may ask up to 256)"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
-    device: str = field(default="cpu", metadata={"help": "device to run the models on"})
-    dtype: str = field(default="float32", metadata={"choices": DTYPES,
-        "help": "dtype of the base model and the backbone"})
 
 
 def require_gradio():
@@ -67,8 +55,8 @@ def require_gradio():
 def make_ui_parser():
     from valuemix.reward_specs import SPECS
 
-    return make_parser("valuemix ui", f"{__doc__}\nReward specs (--reward NAME=SPEC ...):\n{SPECS}", UiArgs,
-                       ServeArgs)
+    return make_parser("valuemix ui", f"{__doc__}\nReward specs (--reward NAME=SPEC ...):\n{SPECS}", ModelArgs,
+                       UiArgs, ServeArgs)
 
 
 def serve(world, args: ServeArgs, max_new_tokens: int, top_k: int):
@@ -82,26 +70,19 @@ def serve(world, args: ServeArgs, max_new_tokens: int, top_k: int):
 
 def ui_main(argv=None):
     """Load the base, the backbone and the heads, then serve the slider app."""
-    import torch
-
     from valuemix.commands import read_prompts
-    from valuemix.heads.loading import load_base
-    from valuemix.heads.bank import ValueBank
     from valuemix.reward_specs import parse_reward
     from valuemix.ui.logic import AppParts
 
-    args, serving = parse(make_ui_parser(), argv, "ui")
+    models, args, serving = parse(make_ui_parser(), argv, "ui")
     require_gradio()  # before loading any model
     examples = read_prompts(args.examples) if args.examples else []
-    base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
-                     num_layers=args.num_layers)
-    bank.load_head([_absolute_if_folder(h) for h in args.heads])
+    base, tokenizer, bank = load_models(models)
     rewards = {}
     for text in args.reward:
-        name, fn, _ = parse_reward(text, tokenizer=lambda: tokenizer, device=args.device)
+        name, fn, _ = parse_reward(text, tokenizer=lambda: tokenizer, device=models.device)
         rewards[name] = fn
-    parts = AppParts(base, tokenizer, bank, rewards, examples=examples, chat_template=args.chat_template,
+    parts = AppParts(base, tokenizer, bank, rewards, examples=examples, chat_template=models.chat_template,
                      top_k=args.top_k)
     return serve(parts, serving, args.max_new_tokens, args.top_k)
 
