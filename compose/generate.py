@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from valuemix.heads.compat import with_cache
 from valuemix.heads.sampling import check_context, check_whole_number
 from valuemix.heads.tokens import encode_prompts, eos_ids, position_ids_from_mask
 from valuemix.compose.mixer import Mixer
@@ -125,7 +126,7 @@ def _decode(base, tokenizer, input_ids, attention_mask, mixer, max_new_tokens, t
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = DynamicCache(config=base.config)
     positions = position_ids_from_mask(attention_mask)
-    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **with_cache(cache),
                   use_cache=True, logits_to_keep=1).logits[:, -1]
     alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
@@ -149,4 +150,4 @@ def _decode(base, tokenizer, input_ids, attention_mask, mixer, max_new_tokens, t
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         logits = base(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                      cache=cache, use_cache=True).logits[:, -1]
+                      **with_cache(cache), use_cache=True).logits[:, -1]

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from valuemix.compose.generate import Generation, step_kl
 from valuemix.heads.bank import ValueBank
+from valuemix.heads.compat import with_cache
 from valuemix.heads.tokens import encode_prompts, eos_ids, position_ids_from_mask
 
 
@@ -51,7 +52,7 @@ def reference_generate(base, tokenizer, bank: ValueBank, head: str, beta: float,
 
     base_cache = DynamicCache(config=base.config)
     positions = position_ids_from_mask(attention_mask)
-    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=base_cache,
+    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **with_cache(base_cache),
                   use_cache=True, logits_to_keep=1).logits[:, -1]
     value_cache = DynamicCache(config=bank.decoder.config)  # the value model's prefix cache
     bank.forward_hidden(input_ids.to(bank.device), attention_mask.to(bank.device), positions.to(bank.device),
@@ -89,7 +90,7 @@ def reference_generate(base, tokenizer, bank: ValueBank, head: str, beta: float,
         attention_mask = cand_mask.to(device)
         positions = positions[:, -1:] + 1
         logits = base(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                      cache=base_cache, use_cache=True).logits[:, -1]
+                      **with_cache(base_cache), use_cache=True).logits[:, -1]
         bank.forward_hidden(next_tokens[:, None].to(bank.device), attention_mask.to(bank.device),
                             positions.to(bank.device), row_heads, cache=value_cache)  # extend the prefix cache
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from valuemix.heads.compat import with_cache
 from valuemix.heads.fingerprint import backbone_probe, describe_tokenizer, tokenizer_fingerprint
 from valuemix.heads.head_config import HeadConfig
 from valuemix.heads.loading import keep_first_layers, load_decoder
@@ -175,7 +176,7 @@ class ValueBank:
                     self.model.set_adapter(row_heads[0], inference_mode=True)
                 routing = {}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=cache is not None, **routing)
+                             **with_cache(cache), use_cache=cache is not None, **routing)
         return out.last_hidden_state
 
     def project(self, hidden: torch.Tensor, heads: Sequence[str]) -> torch.Tensor:

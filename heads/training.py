@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.bank import ADAPTER, VALUE, ValueBank
+from valuemix.heads.compat import disable_checkpointing, enable_checkpointing
 from valuemix.heads.loading import explain_out_of_memory
 from valuemix.heads.sampling import load_samples
 
@@ -259,7 +260,7 @@ def _checkpointing(bank: ValueBank, enabled: bool):
     if not layers:
         raise ValueError(f"The backbone {bank.backbone_id} does not support gradient checkpointing in transformers; "
                          "train without gradient_checkpointing.")
-    bank.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(bank.decoder)
     for layer in layers:
         layer.training = True
     try:
@@ -267,7 +268,7 @@ def _checkpointing(bank: ValueBank, enabled: bool):
     finally:
         for layer in layers:
             layer.training = False
-        bank.decoder.activation_checkpointing_disable()
+        disable_checkpointing(bank.decoder)
 
 
 def _collate(prompts: list[list[int]], completions: list[list[int]], max_length: int, pad_id: int):
