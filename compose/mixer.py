@@ -9,19 +9,31 @@ import torch
 from transformers import LogitsProcessor
 
 from valuemix.heads.bank import ValueBank
+from valuemix.heads.head_config import HeadConfig
 from valuemix.compose.candidates import CandidateScorer
 
 
-def coefficient_problem(bank: ValueBank, head: str, beta) -> str | None:
-    """Why `beta` is not a valid coefficient for `head` (a known head), in words; None if it is valid."""
+def coefficient_problem(configs: Mapping[str, HeadConfig], head: str, beta) -> str | None:
+    """Why `beta` is not a valid coefficient for `head` (one of `configs`, e.g. `bank.configs`), in words; None if it
+    is valid."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
         return f"Coefficient for head '{head}' must be a finite number, got {beta!r}."
-    low, high = bank.configs[head].beta_range
+    low, high = configs[head].beta_range
     if not low <= beta <= high:
         return (f"Coefficient {beta} for head '{head}' is outside its range [{low}, {high}] (its head_config "
                 f"beta_range); pick a value inside it or widen the range with bank.configs['{head}'].beta_range = "
                 "(low, high).")
     return None
+
+
+def contributions(values: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Each head's addition to its candidates' scores, β_h·(V_h(s·a) − mean_a' V_h(s·a')).
+
+    values: (heads, batch, k); beta: (heads,), or (heads, batch) when rows have their own coefficients.
+    Returns the shape of `values`; its sum over heads is what VAS adds to the candidates' scores.
+    """
+    beta = beta.to(values.dtype).reshape(*beta.shape, *([1] * (values.dim() - beta.dim())))
+    return beta * (values - values.mean(dim=-1, keepdim=True))
 
 
 class Mixer(LogitsProcessor):
@@ -74,7 +86,7 @@ class Mixer(LogitsProcessor):
         """Change some heads' coefficients (others keep theirs). Cheap: nothing is reloaded."""
         self.bank.check_heads(list(weights))
         for name, beta in weights.items():
-            problem = coefficient_problem(self.bank, name, beta)
+            problem = coefficient_problem(self.bank.configs, name, beta)
             if problem:
                 raise ValueError(problem)
         self.weights.update({name: float(beta) for name, beta in weights.items()})
@@ -105,8 +117,7 @@ class Mixer(LogitsProcessor):
 
         values: (n_active, batch, k) from `candidate_values`; returns the same shape (sum over heads: the shift).
         """
-        beta = torch.tensor([self.weights[h] for h in self.active_heads], device=values.device, dtype=values.dtype)
-        return beta[:, None, None] * (values - values.mean(dim=-1, keepdim=True))
+        return contributions(values, torch.tensor([self.weights[h] for h in self.active_heads], device=values.device))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         candidates, top_scores, values = self.candidate_values(input_ids, scores)

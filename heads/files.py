@@ -255,6 +255,12 @@ def bank_call(config: HeadConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------- readers
+def read_head_config(source: str | os.PathLike, revision: str | None = None, token=None) -> HeadConfig:
+    """The HeadConfig of a head folder or Hub repo id, without reading its weights (checked as load_head does)."""
+    folder, label = resolve_head_folder(source, revision, token)
+    return _read_head_config(folder, label)
+
+
 def read_head_folder(folder: str, label: str | None = None):
     """(HeadConfig, LoraConfig, adapter tensors, value tensors) of a head folder, every file checked.
 

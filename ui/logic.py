@@ -111,7 +111,7 @@ def parse_weights(bank, weights) -> dict[str, float]:
                 beta = float(beta)
             except ValueError:
                 pass
-        problem = coefficient_problem(bank, head, beta)
+        problem = coefficient_problem(bank.configs, head, beta)
         if problem:
             problems.append(problem)
             continue
