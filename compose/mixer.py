@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -24,6 +25,40 @@ def coefficient_problem(configs: Mapping[str, HeadConfig], head: str, beta) -> s
                 f"beta_range); pick a value inside it or widen the range with bank.configs['{head}'].beta_range = "
                 "(low, high).")
     return None
+
+
+def read_mix(mix, configs: Mapping[str, HeadConfig], name: str = "weights", where: str = "on this bank") -> dict:
+    """{head: β} from a mapping or a JSON object string: every head known, every β valid (numbers as text are read).
+
+    `name` and `where` word the errors ("weights", "in this app"). Raises ValueError naming every problem.
+    """
+    if isinstance(mix, str):
+        try:
+            mix = json.loads(mix)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} is not valid JSON ({err.msg}): write an object such as "
+                             '{"helpful": 1.5, "concise": -0.5}.') from None
+    if not isinstance(mix, Mapping):
+        raise ValueError(f"{name} must be an object of head -> coefficient, got {type(mix).__name__}: "
+                         'write e.g. {"helpful": 1.5}.')
+    problems, weights = [], {}
+    for head, beta in mix.items():
+        if head not in configs:
+            problems.append(f"Unknown head '{head}'. Heads {where}: {', '.join(configs) or 'none'}.")
+            continue
+        if isinstance(beta, str):
+            try:
+                beta = float(beta)
+            except ValueError:
+                pass
+        problem = coefficient_problem(configs, head, beta)
+        if problem:
+            problems.append(problem)
+        else:
+            weights[head] = float(beta)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return weights
 
 
 def contributions(values: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ requests in the same rows, and is rebuilt from the prompts when it changes.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from valuemix.compose.candidates import CandidateScorer
-from valuemix.compose.mixer import coefficient_problem, contributions
+from valuemix.compose.mixer import contributions, read_mix
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.files import read_head_config
 
@@ -87,30 +86,13 @@ def parse_mix(params: SamplingParams, configs: Mapping, default_top_k: int) -> R
     extra = params.extra_args or {}
     if MIX_KEY not in extra:
         return None
-    mix = extra[MIX_KEY]
-    if isinstance(mix, str):
-        try:
-            mix = json.loads(mix)
-        except json.JSONDecodeError as err:
-            raise ValueError(f'"{MIX_KEY}" is not valid JSON ({err}): send a JSON object such as '
-                             '{"helpful": 1.5}.') from err
-    if not isinstance(mix, dict):
-        raise ValueError(f'"{MIX_KEY}" must be a mapping of head names to coefficients, such as {{"helpful": 1.5}}; '
-                         f"got {type(mix).__name__}.")
-    unknown = [h for h in mix if h not in configs]
-    if unknown:
-        raise ValueError(f"Unknown head {unknown[0]!r}. Heads on this server: "
-                         f"{', '.join(repr(h) for h in configs)}.")
-    for head, beta in mix.items():
-        problem = coefficient_problem(configs, head, beta)
-        if problem:
-            raise ValueError(problem)
+    weights = read_mix(extra[MIX_KEY], configs, f'"{MIX_KEY}"', "on this server")
     top_k = extra.get(TOP_K_KEY, default_top_k)
     if isinstance(top_k, str) and top_k.strip().isdigit():
         top_k = int(top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f'"{TOP_K_KEY}" must be a positive whole number (got {top_k!r}); 20 is the usual choice.')
-    weights = {h: float(b) for h, b in mix.items() if float(b) != 0.0}
+    weights = {h: b for h, b in weights.items() if b != 0.0}
     return RequestMix(weights, top_k, [], []) if weights else None
 
 

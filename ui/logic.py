@@ -15,7 +15,6 @@ never share coefficients or caches (the bank's lock serialises the backbone's fo
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 
 from valuemix.compose.generate import generate
-from valuemix.compose.mixer import Mixer, coefficient_problem
+from valuemix.compose.mixer import Mixer, read_mix
 from valuemix.heads.tokens import encode_prompts
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
@@ -92,32 +91,11 @@ def parse_weights(bank, weights) -> dict[str, float]:
     """
     if weights is None or (isinstance(weights, str) and not weights.strip()):
         weights = {}
-    if isinstance(weights, str):
-        try:
-            weights = json.loads(weights)
-        except json.JSONDecodeError as err:
-            raise RequestError(f"weights is not valid JSON ({err.msg}): write an object such as "
-                               '{"helpful": 1.5, "concise": -0.5}.') from None
-    if not isinstance(weights, Mapping):
-        raise RequestError(f"weights must be an object of head -> coefficient, got {type(weights).__name__}: "
-                           'write e.g. {"helpful": 1.5}.')
-    problems, out = [], default_weights(bank)
-    for head, beta in weights.items():
-        if head not in bank.heads:
-            problems.append(f"Unknown head '{head}'. Heads in this app: {', '.join(bank.heads) or 'none'}.")
-            continue
-        if isinstance(beta, str):
-            try:
-                beta = float(beta)
-            except ValueError:
-                pass
-        problem = coefficient_problem(bank.configs, head, beta)
-        if problem:
-            problems.append(problem)
-            continue
-        out[head] = float(beta)
-    if problems:
-        raise RequestError("\n".join(problems))
+    try:
+        given = read_mix(weights, bank.configs, "weights", "in this app")
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    out = default_weights(bank) | given
     return out
 
 

@@ -89,11 +89,11 @@ def test_concurrent_requests_with_different_mixes_each_equal_the_request_alone(e
 
 
 @pytest.mark.parametrize("mix, message", [
-    ({"nope": 1.0}, "Unknown head 'nope'. Heads on this server: 'cheerful', 'concise'."),
+    ({"nope": 1.0}, "Unknown head 'nope'. Heads on this server: cheerful, concise."),
     ({"cheerful": float("nan")}, "Coefficient for head 'cheerful' must be a finite number, got nan."),
     ({"cheerful": 50.0}, "Coefficient 50.0 for head 'cheerful' is outside its range"),
     ("{not json", '"valuemix" is not valid JSON'),
-    ([1, 2], '"valuemix" must be a mapping of head names to coefficients'),
+    ([1, 2], '"valuemix" must be an object of head -> coefficient, got list'),
 ])
 def test_a_bad_mix_is_refused_with_the_mixers_message_and_the_engine_keeps_serving(engine, mix, message):
     llm, prompts = engine
