@@ -1,9 +1,9 @@
 """Candidate scoring: V_h(s·a) for the k candidate tokens a of every row s, for every head, fast.
 
 One backbone forward per decoding step. The value backbone keeps a KV cache of the tokens it
-has seen (one cache row per (head, row) pair: rows are head-major, r = h·B + b). Each step feeds
-the tokens that are new since the last call followed by the k candidates, all at once, with a 4D
-attention mask in which:
+has seen, one cache row per (sequence, head) pair (`RowCache`). Each step feeds the tokens that
+are new since the last call followed by the k candidates, all at once, with a 4D attention mask
+in which:
   - a new token sees the cached prefix and the new tokens up to itself (causal);
   - a candidate sees the prefix, every new token, and itself only — the k candidates sit at the
     same position, so one forward values all k continuations s·a (a "tree" of depth one).
@@ -13,6 +13,8 @@ way, so the scorer is a pure function of (input_ids, candidates) whatever its ca
 `VALUE_ATOL` (cached and cold forwards round differently).
 For an architecture that rejects custom masks, candidates are scored by cache expansion instead
 (the prefix cache repeated k times, one candidate per row); which way works is checked once per bank.
+Rows are left padded; a `RowCache` can drop rows and take in another's, so a server can keep one
+cache for requests that come and go (`compose.vllm_processor`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from valuemix.heads.bank import ValueBank
@@ -33,6 +36,136 @@ logger = logging.getLogger(__name__)
 # at a time) agree within this absolute tolerance, not bit for bit: float32 forwards of different shapes round
 # differently, and differently on different CPUs. The candidate set (the top-k of the scores) is always the same.
 VALUE_ATOL = 1e-4
+
+
+class RowCache:
+    """The value backbone's KV cache over rows, row i valued by head `row_heads[i]`, each row left padded.
+
+    `real` (rows, length) is 1 where the cached token is real, 0 where it is padding.
+    """
+
+    def __init__(self, bank: ValueBank, row_heads: Sequence[str]):
+        self.bank = bank
+        self.row_heads = list(row_heads)
+        self.cache = DynamicCache(config=bank.decoder.config)
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise ValueError(f"{bank.backbone_id} uses sliding-window attention, which valuemix's value cache does "
+                             "not support; use a value backbone with full attention (Llama, GPT-2, Qwen2 families).")
+        self.real = torch.zeros(len(self.row_heads), 0, dtype=torch.long, device=bank.device)
+
+    def __len__(self) -> int:
+        return len(self.row_heads)
+
+    def memory_bytes(self) -> int:
+        """Bytes the cached keys and values take."""
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t))
+
+    @torch.inference_mode()
+    def score(self, new_tokens: torch.Tensor, new_real: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Feed `new_tokens` (rows, n; `new_real` 0 on padding) and value the candidates after them: (rows, k)."""
+        if self.bank.tree_masks_ok is None:
+            values = self._score_checked(new_tokens, new_real, candidates)
+        elif self.bank.tree_masks_ok:
+            values = self._score_tree(new_tokens, new_real, candidates)
+        else:
+            values = self._score_expanded(new_tokens, new_real, candidates)
+        self.real = torch.cat([self.real, new_real], dim=1)
+        return values
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), then drop the leading columns that are padding in every row left."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.real.device)
+        self.row_heads = [self.row_heads[i] for i in rows]
+        self.real = self.real[index]
+        first = int(self.real.any(0).long().argmax()) if self.real.any() else self.real.shape[1]
+        self.real = self.real[:, first:]
+        for layer in self._filled_layers():
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+
+    def extend(self, other: RowCache) -> None:
+        """Append the rows of `other` (on the same bank), left padding whichever is shorter."""
+        if not len(self) or not self._filled_layers():
+            self.row_heads, self.cache, self.real = other.row_heads, other.cache, other.real
+            return
+        width = max(self.real.shape[1], other.real.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, torch.cat([F.pad(a, (0, 0, width - a.shape[2], 0)),
+                                               F.pad(b, (0, 0, width - b.shape[2], 0))]))
+        self.real = torch.cat([F.pad(self.real, (width - self.real.shape[1], 0)),
+                               F.pad(other.real, (width - other.real.shape[1], 0))])
+        self.row_heads = self.row_heads + other.row_heads
+
+    # -------------------------------------------------------------- internals
+    def _filled_layers(self) -> list:
+        return [layer for layer in self.cache.layers if torch.is_tensor(getattr(layer, "keys", None))
+                and layer.keys.dim() == 4]
+
+    def _tree_mask(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
+        """Additive 4D mask (rows, 1, n_new + k, n_cached + n_new + k) for new tokens then candidates."""
+        rows, n_new = new_real.shape
+        n_cached = self.real.shape[1]
+        dtype = self.bank.decoder.dtype
+        device = new_real.device
+        prefix = self.real.bool()[:, None, :].expand(rows, n_new + k, n_cached)
+        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+        new_seen = torch.cat([causal[None] & new_real.bool()[:, None, :],  # new tokens: causal over real tokens
+                              new_real.bool()[:, None, :].expand(rows, k, n_new)], dim=1)
+        new_seen[:, :n_new] |= torch.eye(n_new, dtype=torch.bool, device=device)  # pads see themselves
+        cands = torch.cat([torch.zeros(rows, n_new, k, dtype=torch.bool, device=device),
+                           torch.eye(k, dtype=torch.bool, device=device).expand(rows, k, k)], dim=1)
+        allowed = torch.cat([prefix, new_seen, cands], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def _positions(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions of the new tokens (count of real tokens before them) and of the k candidates."""
+        full = torch.cat([self.real, new_real], dim=1)
+        new_pos = position_ids_from_mask(full)[:, self.real.shape[1]:]
+        cand_pos = full.sum(-1, keepdim=True).expand(-1, k)
+        return torch.cat([new_pos, cand_pos], dim=1)
+
+    def _score_tree(self, new_tokens, new_real, candidates) -> torch.Tensor:
+        k, n_new = candidates.shape[1], new_tokens.shape[1]
+        hidden = self.bank.forward_hidden(torch.cat([new_tokens, candidates], dim=1), self._tree_mask(new_real, k),
+                                          self._positions(new_real, k), self.row_heads, cache=self.cache)
+        self.cache.crop(-k)  # drop the candidates; the sampled one is fed with the next step
+        return self.bank.project(hidden[:, n_new:], self.row_heads)
+
+    def _score_expanded(self, new_tokens, new_real, candidates) -> torch.Tensor:
+        """Fallback: feed the new tokens, then one candidate per row on a k-times repeated cache."""
+        rows, k = candidates.shape
+        full = torch.cat([self.real, new_real], dim=1)
+        if new_tokens.shape[1]:
+            self.bank.forward_hidden(new_tokens, full, position_ids_from_mask(full)[:, self.real.shape[1]:],
+                                     self.row_heads, cache=self.cache)
+        expanded = copy.deepcopy(self.cache)
+        expanded.batch_repeat_interleave(k)
+        mask = torch.cat([full.repeat_interleave(k, 0), torch.ones_like(full[:, :1]).repeat_interleave(k, 0)], 1)
+        positions = full.sum(-1).repeat_interleave(k)[:, None]
+        row_heads = [h for h in self.row_heads for _ in range(k)]
+        hidden = self.bank.forward_hidden(candidates.reshape(-1, 1), mask, positions, row_heads, cache=expanded)
+        return self.bank.project(hidden.reshape(rows, k, -1), row_heads[::k])
+
+    def _score_checked(self, new_tokens, new_real, candidates) -> torch.Tensor:
+        """First scoring on a bank: use the tree only if it matches cache expansion on this architecture."""
+        untouched = copy.deepcopy(self.cache)
+        expected = self._score_expanded(new_tokens, new_real, candidates)
+        expanded_cache, self.cache = self.cache, untouched
+        try:
+            got = self._score_tree(new_tokens, new_real, candidates)
+            self.bank.tree_masks_ok = torch.allclose(got, expected, atol=VALUE_ATOL, rtol=1e-3)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            logger.warning("Tree scoring raised %r", err)
+            self.bank.tree_masks_ok = False
+        if self.bank.tree_masks_ok:
+            return got
+        logger.warning("%s does not honour custom 4D attention masks: scoring candidates by cache expansion "
+                       "(slower).", self.bank.backbone_id)
+        self.cache = expanded_cache
+        return expected
 
 
 class CandidateScorer:
@@ -52,108 +185,27 @@ class CandidateScorer:
 
     def reset(self) -> None:
         """Forget the cache; the next call starts over from the prompt."""
-        self.cache = None
+        self.rows: RowCache | None = None  # one row per (head, sequence), head-major: r = h·batch + b
         self.seen = None  # (batch, seq) token ids the cache holds
-        self.real = None  # (batch, seq) 1 where the cached token is real (not left padding)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """V_h(s_b · candidates[b, c]) as a tensor (n_heads, batch, k)."""
         input_ids = input_ids.to(self.bank.device)
-        candidates = candidates.to(self.bank.device)
+        batch, k = candidates.shape
         new_tokens = self._new_tokens(input_ids)
         new_real = real_token_mask(input_ids, self.pad_token_id)[:, input_ids.shape[1] - new_tokens.shape[1]:]
-        if self.bank.tree_masks_ok is None:
-            values = self._score_checked(new_tokens, new_real, candidates)
-        elif self.bank.tree_masks_ok:
-            values = self._score_tree(new_tokens, new_real, candidates)
-        else:
-            values = self._score_expanded(new_tokens, new_real, candidates)
-        self.seen, self.real = input_ids, torch.cat([self.real, new_real], dim=1)
-        return values
+        heads = len(self.heads)
+        values = self.rows.score(new_tokens.repeat(heads, 1), new_real.repeat(heads, 1),
+                                 candidates.to(self.bank.device).repeat(heads, 1))
+        self.seen = input_ids
+        return values.reshape(heads, batch, k)
 
-    # -------------------------------------------------------------- internals
     def _new_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The tokens of input_ids the cache does not hold yet; resets the cache on an unseen sequence."""
+        """The tokens of input_ids the cache does not hold yet; starts a new cache on an unseen sequence."""
         if self.seen is not None and self.seen.shape[0] == input_ids.shape[0]:
             n_seen = self.seen.shape[1]
             if input_ids.shape[1] >= n_seen and torch.equal(input_ids[:, :n_seen], self.seen):
                 return input_ids[:, n_seen:]
-        self.cache = DynamicCache(config=self.bank.decoder.config)
-        self.seen = input_ids[:, :0]
-        self.real = torch.zeros_like(self.seen)
+        self.rows = RowCache(self.bank, [h for h in self.heads for _ in range(input_ids.shape[0])])
         return input_ids
-
-    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Repeat a (batch, ...) tensor for every head: (n_heads·batch, ...), head-major."""
-        return tensor.repeat(len(self.heads), *([1] * (tensor.dim() - 1)))
-
-    def _row_heads(self, batch: int, per_row: int = 1) -> list[str]:
-        return [h for h in self.heads for _ in range(batch * per_row)]
-
-    def _tree_mask(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
-        """Additive 4D mask (batch, 1, n_new + k, n_cached + n_new + k) for new tokens then candidates."""
-        batch, n_new = new_real.shape
-        n_cached = self.real.shape[1]
-        dtype = self.bank.decoder.dtype
-        prefix = self.real.bool()[:, None, :].expand(batch, n_new + k, n_cached)
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=new_real.device).tril()
-        new_seen = torch.cat([causal[None] & new_real.bool()[:, None, :],  # new tokens: causal over real tokens
-                              new_real.bool()[:, None, :].expand(batch, k, n_new)], dim=1)
-        new_seen[:, :n_new] |= torch.eye(n_new, dtype=torch.bool, device=new_real.device)  # pads see themselves
-        cands = torch.cat([torch.zeros(batch, n_new, k, dtype=torch.bool, device=new_real.device),
-                           torch.eye(k, dtype=torch.bool, device=new_real.device).expand(batch, k, k)], dim=1)
-        allowed = torch.cat([prefix, new_seen, cands], dim=2)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-    def _positions(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
-        """Positions of the new tokens (count of real tokens before them) and of the k candidates."""
-        full = torch.cat([self.real, new_real], dim=1)
-        new_pos = position_ids_from_mask(full)[:, self.real.shape[1]:]
-        cand_pos = full.sum(-1, keepdim=True).expand(-1, k)
-        return torch.cat([new_pos, cand_pos], dim=1)
-
-    def _score_tree(self, new_tokens, new_real, candidates) -> torch.Tensor:
-        batch, k = candidates.shape
-        n_new = new_tokens.shape[1]
-        hidden = self.bank.forward_hidden(
-            self._rows(torch.cat([new_tokens, candidates], dim=1)), self._rows(self._tree_mask(new_real, k)),
-            self._rows(self._positions(new_real, k)), self._row_heads(batch), cache=self.cache)
-        self.cache.crop(-k)  # drop the candidates; the sampled one is fed with the next step
-        return self.bank.project(hidden[:, n_new:].reshape(len(self.heads), batch, k, -1), self.heads)
-
-    def _score_expanded(self, new_tokens, new_real, candidates) -> torch.Tensor:
-        """Fallback: feed the new tokens, then one candidate per row on a k-times repeated cache."""
-        batch, k = candidates.shape
-        if new_tokens.shape[1]:
-            mask = torch.cat([self.real, new_real], dim=1)
-            self.bank.forward_hidden(self._rows(new_tokens), self._rows(mask),
-                                     self._rows(position_ids_from_mask(mask)[:, self.real.shape[1]:]),
-                                     self._row_heads(batch), cache=self.cache)
-        full = torch.cat([self.real, new_real], dim=1)
-        expanded = copy.deepcopy(self.cache)
-        expanded.batch_repeat_interleave(k)
-        mask = torch.cat([full.repeat_interleave(k, 0), torch.ones_like(full[:, :1]).repeat_interleave(k, 0)], 1)
-        positions = full.sum(-1).repeat_interleave(k)[:, None]
-        hidden = self.bank.forward_hidden(self._rows(candidates.reshape(-1, 1)), self._rows(mask),
-                                          self._rows(positions), self._row_heads(batch, k), cache=expanded)
-        return self.bank.project(hidden.reshape(len(self.heads), batch, k, -1), self.heads)
-
-    def _score_checked(self, new_tokens, new_real, candidates) -> torch.Tensor:
-        """First scoring on a bank: use the tree only if it matches cache expansion on this architecture."""
-        untouched = copy.deepcopy(self.cache)
-        expected = self._score_expanded(new_tokens, new_real, candidates)
-        expanded_cache, self.cache = self.cache, untouched
-        try:
-            got = self._score_tree(new_tokens, new_real, candidates)
-            self.bank.tree_masks_ok = torch.allclose(got, expected, atol=VALUE_ATOL, rtol=1e-3)
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            logger.warning("Tree scoring raised %r", err)
-            self.bank.tree_masks_ok = False
-        if self.bank.tree_masks_ok:
-            return got
-        logger.warning("%s does not honour custom 4D attention masks: scoring candidates by cache expansion "
-                       "(slower).", self.bank.backbone_id)
-        self.cache = expanded_cache
-        return expected
