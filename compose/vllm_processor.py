@@ -19,24 +19,35 @@ A request asks for a mix under the key "valuemix" of its `SamplingParams.extra_a
 {head: β} or the same as a JSON string (the OpenAI API's `vllm_xargs` values are flat), plus
 optionally "valuemix_top_k". Requests without a mix, or whose every β is 0, are not touched.
 A bad mix is refused in `validate_params` with the Mixer's own message, which the server returns
-as HTTP 400. Each step, the candidates of every mixed request and all their heads are valued in one
-backbone forward (the Mixer's `CandidateScorer`); its cache lives while the batch keeps the same
-requests in the same rows, and is rebuilt from the prompts when it changes.
+as HTTP 400.
+
+Speed and memory. Each engine step values the candidates of every mixed request under all its heads
+in one value-backbone forward (requests with other heads or another top-k included; a step where
+requests join adds one forward that reads their prompts). The processor keeps one KV cache on the
+value backbone (`compose.candidates.RowCache`) with a row per (request, head): a request's rows stay
+with it when vLLM moves it to another batch slot, are dropped when it finishes or is aborted, and a
+request that joins is read once and appended. Rows are left padded to the longest live request, and
+padding columns no live row needs are dropped, so the cache holds at most
+    (mixed requests × their heads) × (longest live request) × 2 × layers × kv_heads × head_dim × bytes
+of the value backbone: for SmolLM2-135M in float32, 45 KiB per row and token; the engine logs the
+bound for its `max_num_seqs` and `max_model_len` at start.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from valuemix.compose.candidates import CandidateScorer
+from valuemix.compose.candidates import RowCache
 from valuemix.compose.mixer import contributions, read_mix
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.files import read_head_config
@@ -45,15 +56,22 @@ MIX_KEY, TOP_K_KEY = "valuemix", "valuemix_top_k"
 ENV_BACKBONE, ENV_HEADS = "VALUEMIX_BACKBONE", "VALUEMIX_HEADS"
 ENV_NUM_LAYERS, ENV_TOP_K = "VALUEMIX_NUM_LAYERS", "VALUEMIX_TOP_K"
 
+logger = logging.getLogger(__name__)
 
-@dataclass
+
+@dataclass(eq=False)
 class RequestMix:
-    """One request's mix: its non-zero coefficients, its candidate count and its tokens (a live list)."""
+    """One request's mix: its non-zero coefficients, its candidate count, its tokens (output_ids is vLLM's live
+    list) and how many of them its cache rows hold."""
 
     weights: dict[str, float]
     top_k: int
-    prompt_ids: list[int]
-    output_ids: list[int]
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    fed: int = 0
+
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + list(self.output_ids)
 
 
 def engine_settings() -> tuple[str, list[str], int | None, int]:
@@ -93,7 +111,7 @@ def parse_mix(params: SamplingParams, configs: Mapping, default_top_k: int) -> R
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f'"{TOP_K_KEY}" must be a positive whole number (got {top_k!r}); 20 is the usual choice.')
     weights = {h: b for h, b in weights.items() if b != 0.0}
-    return RequestMix(weights, top_k, [], []) if weights else None
+    return RequestMix(weights, top_k) if weights else None
 
 
 class ValuemixLogitsProcessor(LogitsProcessor):
@@ -108,8 +126,22 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         backbone, heads, num_layers, self.default_top_k = engine_settings()
         self.bank = ValueBank(backbone, num_layers=num_layers, device=device)
         self.bank.load_head(heads)
-        self.requests: dict[int, RequestMix] = {}  # batch row -> its mix
-        self.scorers: dict[tuple, CandidateScorer] = {}  # (top_k, heads) -> the scorer of those rows
+        self.bank.check_tokenizer(AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer),
+                                  "the served model")
+        self.requests: dict[int, RequestMix] = {}  # batch slot -> its mix
+        self.rows = RowCache(self.bank, [])
+        self.owners: list[RequestMix] = []  # cache row -> the request it belongs to
+        logger.info("valuemix: %d heads (%s); value caches take at most %.2f GiB", len(self.bank.heads),
+                    ", ".join(self.bank.heads), self.cache_bound(vllm_config) / 2**30)
+
+    def cache_bound(self, vllm_config) -> int:
+        """Bytes of the value cache when every slot is mixed with every head and as long as the model allows."""
+        config = self.bank.decoder.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * self.bank.decoder.dtype.itemsize
+        return (vllm_config.scheduler_config.max_num_seqs * len(self.bank.heads)
+                * vllm_config.model_config.max_model_len * per_token)
 
     def is_argmax_invariant(self) -> bool:
         return False  # values can change the most likely token
@@ -126,7 +158,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
             else:
                 mix.prompt_ids, mix.output_ids = list(prompt_ids or []), output_ids
                 self.requests[index] = mix
-        for a, b, direction in batch_update.moved:
+        for a, b, direction in batch_update.moved:  # the cache rows belong to the request, not to its slot
             moved, other = self.requests.pop(a, None), self.requests.pop(b, None)
             if moved is not None:
                 self.requests[b] = moved
@@ -134,29 +166,63 @@ class ValuemixLogitsProcessor(LogitsProcessor):
                 self.requests[a] = other
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        live = set(self.requests.values())
+        if not set(self.owners) <= live:  # finished, aborted or preempted requests free their rows
+            self.rows.select([i for i, owner in enumerate(self.owners) if owner in live])
+            self.owners = [owner for owner in self.owners if owner in live]
         if not self.requests:
             return logits
-        groups: dict[tuple, list[int]] = {}
-        for row, mix in sorted(self.requests.items()):
-            groups.setdefault((mix.top_k, tuple(h for h in self.bank.heads if h in mix.weights)), []).append(row)
-        for key, rows in groups.items():
-            logits[rows] = self._mixed(key, rows, logits[rows])
-        self.scorers = {key: scorer for key, scorer in self.scorers.items() if key in groups}
+        slot = {mix: index for index, mix in self.requests.items()}
+        k = max(mix.top_k for mix in live)
+        top = {mix: logits[index].float().topk(min(mix.top_k, logits.shape[-1])) for mix, index in slot.items()}
+        values = self._values(self._candidates(top, k))
+        for mix, (top_scores, candidates) in top.items():
+            mix_heads = [h for h in self.bank.heads if h in mix.weights]
+            head_values = torch.stack([values[(mix, h)][: len(candidates)] for h in mix_heads])
+            beta = torch.tensor([mix.weights[h] for h in mix_heads], device=head_values.device)
+            shift = contributions(head_values, beta).sum(0).to(logits.device)
+            row = torch.full_like(logits[slot[mix]], -math.inf)
+            logits[slot[mix]] = row.scatter_(-1, candidates, (top_scores + shift).to(logits.dtype))
         return logits
 
-    def _mixed(self, key: tuple, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
-        """The rows' scores with VAS applied: top-k kept and shifted by Σ_h β_h (V_h − mean V_h), the rest -inf."""
-        top_k, heads = key
-        scorer = self.scorers.get(key)
-        if scorer is None:
-            scorer = self.scorers[key] = CandidateScorer(self.bank, list(heads))
-        sequences = [self.requests[r].prompt_ids + list(self.requests[r].output_ids) for r in rows]
+    # -------------------------------------------------------------- internals
+    def _candidates(self, top: dict, k: int) -> dict[RequestMix, torch.Tensor]:
+        """Each request's candidates padded to k (the largest top-k asked) by repeating its last; the repeats are
+        valued in the same forward and ignored."""
+        padded = {}
+        for mix, (_, candidates) in top.items():
+            padded[mix] = torch.cat([candidates, candidates[-1:].expand(k - len(candidates))])
+        return padded
+
+    def _values(self, candidates: dict) -> dict[tuple, torch.Tensor]:
+        """{(request, head): values of its k candidates}: the cached rows in one forward, joiners in another."""
+        values = {}
+        if self.owners:
+            fresh = {mix: mix.tokens()[mix.fed:] for mix in self.owners}  # each request's tokens since last step
+            tokens, real = self._left_padded([fresh[owner] for owner in self.owners])
+            got = self.rows.score(tokens, real, torch.stack([candidates[o] for o in self.owners]))
+            values.update(zip(zip(self.owners, self.rows.row_heads), got))
+            for mix, new_tokens in fresh.items():
+                mix.fed += len(new_tokens)
+        joiners = [mix for mix in candidates if mix not in set(self.owners)]
+        if joiners:
+            owners = [(mix, h) for mix in joiners for h in self.bank.heads if h in mix.weights]
+            joined = RowCache(self.bank, [h for _, h in owners])
+            tokens, real = self._left_padded([mix.tokens() for mix, _ in owners])
+            got = joined.score(tokens, real, torch.stack([candidates[mix] for mix, _ in owners]))
+            values.update(zip(owners, got))
+            for mix in joiners:
+                mix.fed = len(mix.tokens())
+            self.rows.extend(joined)
+            self.owners += [mix for mix, _ in owners]
+        return values
+
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, real) of ragged sequences, left padded to the longest."""
         width = max(len(s) for s in sequences)
-        pad = scorer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
-        top_scores, candidates = scores.float().topk(min(top_k, scores.shape[-1]), dim=-1)
-        values = scorer(input_ids, candidates).to(scores.device)  # (heads, rows, k)
-        beta = torch.tensor([[self.requests[r].weights[h] for r in rows] for h in heads], device=scores.device)
-        shift = contributions(values, beta).sum(0)
-        out = torch.full_like(scores, -math.inf)
-        return out.scatter_(-1, candidates, (top_scores + shift).to(scores.dtype))
+        pad = self.bank.tokenizer.pad_token_id or 0
+        tokens = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], dtype=torch.long,
+                              device=self.bank.device)
+        real = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long,
+                            device=self.bank.device)
+        return tokens, real
