@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "generate": ("valuemix.generation:generate", "replies of the base model steered by a mix of heads"),
     "push": ("valuemix.commands:push", "publish a head folder to the Hugging Face Hub"),
     "ui": ("valuemix.ui_command:ui", "the slider app: mix heads live, see rewards and KL, HTTP API (needs [ui])"),
+    "serve": ("valuemix.serve_command:serve", "vLLM's OpenAI-compatible server with a mix per request (needs [vllm])"),
     "eval": ("valuemix.evaluation:eval", "reward vs KL over a coefficient sweep, against Best-of-N (JSON + PNG)"),
     "bench": ("valuemix.bench", "decoding speed: valuemix vs the reference VAS decoding"),
 }

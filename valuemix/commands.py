@@ -41,9 +41,9 @@ class ModelArgs:
 
     base: str = field(metadata={"metavar": "ID_OR_PATH",
         "help": "the base model: a local folder or Hugging Face Hub id"})
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone the heads were trained on: a folder or Hub id"})
     heads: list[str] = field(metadata={"metavar": "HEAD", "help": "head folders or Hub repo ids to load"})
+    backbone: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH",
+        "help": "the value backbone the heads were trained on: a folder or Hub id (required)"})
     num_layers: int | None = field(default=None, metadata={
         "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
     chat_template: bool = field(default=False, metadata={
@@ -57,13 +57,15 @@ def load_models(args: ModelArgs):
     """(base, tokenizer, bank with the heads loaded) from the flags."""
     import torch
 
+    if not args.backbone:
+        raise ValueError("--backbone is required: the value backbone the heads were trained on (a folder or Hub id).")
     from valuemix.heads.bank import ValueBank
     from valuemix.heads.loading import load_base
 
-    base, tokenizer = load_base(_absolute_if_folder(args.base), args.device, args.dtype)
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
+    base, tokenizer = load_base(absolute_if_folder(args.base), args.device, args.dtype)
+    bank = ValueBank(absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
                      num_layers=args.num_layers)
-    bank.load_head([_absolute_if_folder(h) for h in args.heads])
+    bank.load_head([absolute_if_folder(h) for h in args.heads])
     return base, tokenizer, bank
 
 
@@ -112,7 +114,7 @@ def sample_main(argv=None) -> str:
     parser = make_sample_parser()
     (args,) = parse(parser, argv, "sample")
     prompts = read_prompts(args.prompts)
-    args.base = _absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
+    args.base = absolute_if_folder(args.base)  # recorded in the samples and, later, in the head's card
     from valuemix.heads.loading import load_base
 
     base, tokenizer = load_base(args.base, resolve_device(args.device), args.dtype)
@@ -129,7 +131,7 @@ def sample_main(argv=None) -> str:
     return out
 
 
-def _absolute_if_folder(source: str) -> str:
+def absolute_if_folder(source: str) -> str:
     """A local folder as an absolute path (so that a card written later names it from anywhere); ids unchanged."""
     return os.path.abspath(source) if os.path.isdir(source) else source
 
@@ -309,7 +311,7 @@ def train_main(argv=None) -> str:
                          f"{', '.join(scored) or 'none (add one with valuemix score)'}.")
     name = args.name or args.reward
     description = args.description or described.get(args.reward, {}).get("description") or args.reward
-    bank = ValueBank(_absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype),
+    bank = ValueBank(absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype),
                      device=resolve_device(args.device),
                      quantization=args.quantization)
     bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha}, seed=config.seed)

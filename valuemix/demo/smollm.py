@@ -40,11 +40,17 @@ def gguf_folder() -> Path:
     return Path(spec.origin).parent
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
+def smollm2_folder() -> Path:
+    """The folder of SmolLM2-135M-Instruct as plain safetensors (converted from the GGUF the first time)."""
     folder = cache_root() / "SmolLM2-135M-Instruct"
     if not (folder / "model.safetensors").exists():
         convert_gguf(folder)
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
+    folder = smollm2_folder()
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
     model.config._name_or_path = MODEL_ID
     tokenizer = AutoTokenizer.from_pretrained(folder)
