@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +88,8 @@ def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None
         check_context(mixer.bank.decoder, lengths, max_new_tokens, what="the value backbone")
     steps = _decode(base, tokenizer, input_ids.to(base.device), attention_mask.to(base.device), mixer,
                     max_new_tokens, temperature, do_sample, seed, logits_processors)
-    out = Stream(iter(()))
 
-    def pieces() -> Iterator[TextPiece]:
+    def pieces(out: Stream) -> Iterator[TextPiece]:
         start = time.perf_counter()
         tokens = [[] for _ in prompts]
         shown = [0] * len(prompts)
@@ -109,7 +108,13 @@ def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None
                 yield TextPiece(row, text[shown[row]:])
         out.result = Generation(prompts, texts, tokens, kl.tolist(), time.perf_counter() - start)
 
-    out.pieces = pieces()
+    return streamed(pieces, stream)
+
+
+def streamed(pieces: Callable[[Stream], Iterator[TextPiece]], stream: bool) -> Generation | Stream:
+    """The `Stream` of `pieces(stream)`, which sets its `.result` when exhausted; or, unless `stream`, that result."""
+    out = Stream(iter(()))
+    out.pieces = pieces(out)
     if stream:
         return out
     for _ in out:

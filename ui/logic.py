@@ -26,6 +26,7 @@ import torch
 
 from valuemix.compose.generate import generate
 from valuemix.compose.mixer import Mixer, read_mix
+from valuemix.compose.remote import ServedModel
 from valuemix.heads.tokens import encode_prompts
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
@@ -43,9 +44,10 @@ class AppParts:
     """What the app steers.
 
     Attributes:
-        base: the base causal LM.
+        base: the base causal LM; None when `bank` is a served model.
         tokenizer: its tokenizer (shared with the value backbone).
-        bank: the value bank with the heads the sliders drive.
+        bank: the value bank with the heads the sliders drive, or a `compose.remote.ServedModel` (a model
+            served with its heads by `valuemix serve`), which then generates every reply.
         rewards: reward name -> callable `(prompts, completions) -> list[float]`; may be empty.
         examples: example prompts offered under the prompt box (plain requests).
         chat_template: wrap each prompt as a user message with the tokenizer's chat template.
@@ -236,6 +238,9 @@ def score_outputs(rewards: Mapping[str, Callable], prompt: str, texts: list[str]
 
 
 def _stream(parts: AppParts, request: MixRequest, weights: Mapping[str, float]):
+    if isinstance(parts.bank, ServedModel):
+        return parts.bank.generate([request.prompt], weights, max_new_tokens=request.max_new_tokens, seed=request.seed,
+                                   top_k=parts.top_k, chat_template=parts.chat_template, stream=True)
     mixer = Mixer(parts.bank, weights, top_k=parts.top_k, tokenizer=parts.tokenizer)  # one per request
     return generate(parts.base, parts.tokenizer, [request.prompt], mixer, max_new_tokens=request.max_new_tokens,
                     seed=request.seed, chat_template=parts.chat_template, stream=True)
@@ -351,6 +356,9 @@ def explain_step(parts: AppParts, outcome: Outcome, step: int) -> list[dict]:
     β_h·(V_h(s·a) − mean_a' V_h(s·a')), final logit (the mixer's output), and probabilities under the
     base top-k (π_ref) and under the mix. final − base = Σ contributions.
     """
+    if isinstance(parts.bank, ServedModel):
+        raise RequestError(f"'Why this token' needs the heads in this process; this app generates on the server at "
+                           f"{parts.bank.url}. Run `valuemix ui` without --server to see each head's share.")
     ids = outcome.mixed.token_ids
     if not isinstance(step, int) or not 0 <= step < len(ids):
         raise RequestError(f"Step {step!r} is not a step of the mixed reply (0 to {len(ids) - 1}).")

@@ -10,6 +10,7 @@
 from valuemix.compose.candidates import CandidateScorer
 from valuemix.compose.generate import Generation, Stream, TextPiece, generate
 from valuemix.compose.mixer import Mixer
+from valuemix.compose.remote import ServedModel
 from valuemix.heads import rewards
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.fingerprint import tokenizer_fingerprint
@@ -19,6 +20,6 @@ from valuemix.heads.sampling import sample_base, score
 from valuemix.heads.training import TrainConfig, td_targets, train_head
 
 __all__ = [
-    "CandidateScorer", "Generation", "HeadConfig", "Mixer", "Stream", "TextPiece", "ValueBank", "generate",
-    "TrainConfig", "rewards", "sample_base", "score", "td_targets", "tokenizer_fingerprint", "train_head",
+    "CandidateScorer", "Generation", "HeadConfig", "Mixer", "ServedModel", "Stream", "TextPiece", "ValueBank",
+    "generate", "TrainConfig", "rewards", "sample_base", "score", "td_targets", "tokenizer_fingerprint", "train_head",
 ]

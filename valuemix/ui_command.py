@@ -3,6 +3,9 @@
     valuemix ui --base HuggingFaceTB/SmolLM2-135M-Instruct --backbone HuggingFaceTB/SmolLM2-135M-Instruct \\
                 --heads runs/heads/short alice/vm-polite --reward short=brevity --chat-template
 
+    valuemix ui --server http://127.0.0.1:8000 --base HuggingFaceTB/SmolLM2-135M-Instruct \\
+                --heads runs/heads/short alice/vm-polite --chat-template     # replies from `valuemix serve`
+
 Serves on http://127.0.0.1:7860 (--host 0.0.0.0 to serve other machines; --share for a public gradio link).
 The same app answers HTTP API calls: gradio_client.Client(URL).predict(prompt, weights, max_new_tokens,
 seed, api_name="/generate").
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from valuemix.commands import ModelArgs, Subcommand, load_models
+from valuemix.commands import ModelArgs, Subcommand, absolute_if_folder, load_models
 from valuemix.options import make_parser, parse
 
 UI_INSTALL = "pip install 'valuemix[ui]'"
@@ -41,6 +44,9 @@ class UiArgs:
     max_new_tokens: int = field(default=64, metadata={
         "help": "the length slider's starting value (requests may ask up to 256)"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    server: str | None = field(default=None, metadata={"metavar": "URL",
+        "help": "generate on this `valuemix serve` server (started with the same --heads); the app then loads "
+                "only --base's tokenizer and the heads' configs, and needs no --backbone"})
 
 
 def require_gradio():
@@ -77,7 +83,15 @@ def ui_main(argv=None):
     models, args, serving = parse(make_ui_parser(), argv, "ui")
     require_gradio()  # before loading any model
     examples = read_prompts(args.examples) if args.examples else []
-    base, tokenizer, bank = load_models(models)
+    if args.server:
+        from transformers import AutoTokenizer
+
+        from valuemix.compose.remote import ServedModel
+
+        base, tokenizer = None, AutoTokenizer.from_pretrained(absolute_if_folder(models.base))
+        bank = ServedModel(args.server, [absolute_if_folder(h) for h in models.heads], tokenizer)
+    else:
+        base, tokenizer, bank = load_models(models)
     rewards = {}
     for text in args.reward:
         name, fn, _ = parse_reward(text, tokenizer=lambda: tokenizer, device=models.device)

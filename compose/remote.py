@@ -1,0 +1,122 @@
+"""A mix on a served model: `generate` against `valuemix serve` (vLLM's OpenAI API) instead of a local base.
+
+    served = ServedModel("http://127.0.0.1:8000", heads=["runs/heads/concise"], tokenizer=tokenizer)
+    out = served.generate(["Tell me about cats"], {"concise": 2.0}, max_new_tokens=48, chat_template=True)
+    out.texts, out.token_ids, out.kl      # as valuemix's own `generate` returns them
+
+Each row is one completions request with the prompt as token ids (the chat template applied here, as
+`generate` does), top-k sampling at the server's top-k and the mix in `vllm_xargs`. The KL from the base
+is exact, as in `generate`: the server reports each step's mixed distribution over its top-k candidates
+(`--logprobs-mode processed_logprobs`, which `valuemix serve` sets), and one more request reads the base's
+logprobs of the same prefixes (`prompt_logprobs`), whose top-k are those candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+from valuemix.compose.generate import Generation, Stream, TextPiece, streamed
+from valuemix.compose.mixer import read_mix
+from valuemix.heads.files import read_head_config
+from valuemix.heads.tokens import encode_prompts
+
+OPENAI_INSTALL = "pip install openai"
+TOKEN_ID = "token_id:"  # how vLLM names tokens with return_tokens_as_token_ids
+
+
+class ServedModel:
+    """A model served with value heads by `valuemix serve`; the heads' configs are read here (no weights).
+
+    Args:
+        url: the server, e.g. http://127.0.0.1:8000 (with or without /v1).
+        heads: the folders or Hub ids of the heads the server was started with (for names and β ranges).
+        tokenizer: the served model's tokenizer (to apply the chat template and count tokens).
+        model: the served model name (default: the server's only model).
+        timeout: seconds to wait for an answer.
+    """
+
+    def __init__(self, url: str, heads: Sequence[str], tokenizer, model: str | None = None, timeout: float = 300):
+        try:
+            import openai
+        except ImportError as err:
+            raise ImportError(f"A served model is reached with the openai client, which is not installed: "
+                              f"{OPENAI_INSTALL}") from err
+        self.url = url.rstrip("/")
+        base_url = self.url if self.url.endswith("/v1") else f"{self.url}/v1"
+        self.client = openai.OpenAI(base_url=base_url, api_key="none", timeout=timeout, max_retries=0)
+        self.tokenizer = tokenizer
+        self.configs = {}
+        for source in heads:
+            config = read_head_config(source)
+            self.configs[config.name] = config
+        try:
+            names = [m.id for m in self.client.models.list().data]
+        except openai.APIConnectionError as err:
+            raise ConnectionError(f"No server answers at {base_url} ({err}): start one with `valuemix serve` "
+                                  "and pass its address.") from err
+        if model is not None and model not in names:
+            raise ValueError(f"The server at {base_url} serves {', '.join(names)}, not {model!r}.")
+        self.model = model or names[0]
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.configs)
+
+    def generate(self, prompts: Sequence[str], weights: Mapping[str, float] | None = None, *,
+                 max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, top_k: int = 20,
+                 chat_template: bool = False, stream: bool = False) -> Generation | Stream:
+        """Like `compose.generate.generate` with a `Mixer(bank, weights, top_k)`, on the server."""
+        weights = {h: b for h, b in read_mix(dict(weights or {}), self.configs, "weights", "on this server").items()
+                   if b != 0.0}
+        texts, prompt_ids, mask = encode_prompts(self.tokenizer, prompts, chat_template)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, mask)]
+
+        def pieces(out: Stream) -> Iterator[TextPiece]:
+            start = time.perf_counter()
+            completions, token_ids, kls = [], [], []
+            for row, ids in enumerate(rows):
+                text, tokens, mixed = "", [], []
+                for chunk in self._complete(ids, weights, max_new_tokens, temperature, seed, top_k):
+                    choice = chunk.choices[0]
+                    if choice.text:
+                        text += choice.text
+                        yield TextPiece(row, choice.text)
+                    if choice.logprobs is not None:
+                        tokens += [int(t.removeprefix(TOKEN_ID)) for t in choice.logprobs.tokens]
+                        mixed += choice.logprobs.top_logprobs
+                completions.append(text)
+                token_ids.append(tokens)
+                kls.append(self._kl(ids, tokens, mixed, temperature, top_k) if weights else 0.0)
+            out.result = Generation(list(texts), completions, token_ids, kls, time.perf_counter() - start)
+
+        return streamed(pieces, stream)
+
+    def _complete(self, prompt_ids, weights, max_new_tokens, temperature, seed, top_k):
+        extra = {"top_k": top_k, "return_tokens_as_token_ids": True}
+        if weights:
+            extra["vllm_xargs"] = {"valuemix": json.dumps(weights), "valuemix_top_k": top_k}
+        return self.client.completions.create(model=self.model, prompt=prompt_ids, max_tokens=max_new_tokens,
+                                              temperature=temperature, seed=seed, logprobs=top_k, stream=True,
+                                              extra_body=extra)
+
+    def _kl(self, prompt_ids, tokens, mixed, temperature, top_k) -> float:
+        """Σ_t KL(π_mix,t ‖ π_ref,t) along the reply: π_mix from its logprobs, π_ref from the prompt_logprobs."""
+        if not tokens:
+            return 0.0
+        reply = self.client.completions.create(model=self.model, prompt=prompt_ids + tokens, max_tokens=1,
+                                               temperature=0.0, extra_body={"prompt_logprobs": top_k})
+        base_steps = reply.choices[0].model_extra["prompt_logprobs"][len(prompt_ids):]
+        total = 0.0
+        for t, (mixed_step, base_step) in enumerate(zip(mixed, base_steps)):
+            p_mix = {int(k.removeprefix(TOKEN_ID)): math.exp(v) for k, v in mixed_step.items()}
+            if abs(sum(p_mix.values()) - 1.0) > 1e-3:
+                raise ValueError(f"The server at {self.url} reports logprobs before the mix (step {t} sums to "
+                                 f"{sum(p_mix.values()):.4f}, not 1): start it with `valuemix serve`, which sets "
+                                 "--logprobs-mode processed_logprobs.")
+            raw = {int(k): v["logprob"] / temperature for k, v in base_step.items()}
+            norm = math.log(sum(math.exp(raw[a]) for a in p_mix if a in raw))
+            total += sum(p * (math.log(p) - (raw[a] - norm)) for a, p in p_mix.items() if p > 0 and a in raw)
+        return total
