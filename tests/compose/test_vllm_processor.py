@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
+import torch
 import vllm
-from conftest import free_port
+from conftest import free_port, serving
+from gradio_client import Client
+from gradio_client.exceptions import AppError
 
+import valuemix as vm
+from valuemix.compose.generate import step_kl
+from valuemix.compose.remote import ServedModel
+from valuemix.ui.logic import AppParts, RequestError, explain_step, run_mix_once, validate_request
+from valuemix.compose.candidates import VALUE_ATOL
 from valuemix.compose.vllm_processor import ENV_BACKBONE, ENV_HEADS, ENV_NUM_LAYERS, ValuemixLogitsProcessor
 from valuemix.demo import BACKBONE_LAYERS, HEADS_DIR
 from valuemix.demo.smollm import load_smollm2
@@ -27,7 +35,12 @@ def chat(tokenizer, request):
                                          add_generation_prompt=True)
 
 
-ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.15)  # CPU-sized
+# CPU-sized: on a CPU, gpu_memory_utilization is the share of RAM vLLM may use, weights and KV cache (here 2.4 GiB)
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.1)
+HEADS = ("cheerful", "concise")
+# vLLM's raw logits of one prefix computed in a decode step or in a prefill differ by float rounding; the values
+# added on top agree within VALUE_ATOL, so the mixed logits agree within their sum.
+LOGIT_ATOL = 1e-4 + VALUE_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +50,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    env = {ENV_BACKBONE: str(folder), ENV_HEADS: f"{HEADS_DIR / 'cheerful'},{HEADS_DIR / 'concise'}",
+    env = {ENV_BACKBONE: str(folder), ENV_HEADS: ",".join(str(HEADS_DIR / h) for h in HEADS),
            ENV_NUM_LAYERS: str(BACKBONE_LAYERS)}
     return str(folder), tokenizer, env
 
@@ -49,14 +62,15 @@ def engine(served):
     mp = pytest.MonkeyPatch()
     for key, value in env.items():
         mp.setenv(key, value)
-    llm = vllm.LLM(model=folder, logits_processors=[ValuemixLogitsProcessor], seed=0, **ENGINE)
+    llm = vllm.LLM(model=folder, logits_processors=[ValuemixLogitsProcessor], seed=0,
+                   logprobs_mode="processed_logits", **ENGINE)  # logprobs report the logits after the processor
     yield llm, [chat(tokenizer, p) for p in PROMPTS]
     mp.undo()
 
 
-def params(mix=None, seed=3, tokens=16):
+def params(mix=None, seed=3, tokens=16, temperature=1.0, **kwargs):
     extra = None if mix is None else {"valuemix": mix}
-    return vllm.SamplingParams(max_tokens=tokens, temperature=1.0, seed=seed, extra_args=extra)
+    return vllm.SamplingParams(max_tokens=tokens, temperature=temperature, seed=seed, extra_args=extra, **kwargs)
 
 
 def token_ids(outputs):
@@ -88,6 +102,72 @@ def test_concurrent_requests_with_different_mixes_each_equal_the_request_alone(e
     assert together == alone
 
 
+def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine, served):
+    """Each step's logits after the processor equal `Mixer` called cold on that prefix and vLLM's plain logits."""
+    llm, prompts = engine
+    folder, _, _ = served
+    weights = {"cheerful": 2.0, "concise": -1.5}
+    bank = vm.ValueBank(folder, num_layers=BACKBONE_LAYERS)
+    bank.load_head([str(HEADS_DIR / h) for h in HEADS])
+    mixer = vm.Mixer(bank, weights, top_k=20)
+    out = llm.generate(prompts[:2], params(weights, tokens=5, temperature=0.0, logprobs=20))
+    for request in out:
+        prompt, steps = list(request.prompt_token_ids), request.outputs[0]
+        for t, mixed in enumerate(steps.logprobs):
+            prefix = prompt + list(steps.token_ids[:t])
+            plain = llm.generate({"prompt_token_ids": prefix}, params(tokens=1, temperature=0.0, logprobs=20))
+            raw = plain[0].outputs[0].logprobs[0]
+            scores = torch.full((1, len(bank.tokenizer)), -torch.inf)
+            scores[0, list(raw)] = torch.tensor([p.logprob for p in raw.values()])
+            expected = mixer(torch.tensor([prefix]), scores)[0]
+            assert set(mixed) == set(raw), f"step {t}: another candidate set"
+            got = torch.tensor([mixed[token].logprob for token in raw])
+            torch.testing.assert_close(got, expected[list(raw)], atol=LOGIT_ATOL, rtol=0)
+
+
+def finished_tokens(llm, requests: dict, join: dict, abort: set, join_at: int = 3) -> dict:
+    """Token ids of each request that finishes, when `join` requests are added and `abort` ones aborted mid-flight."""
+    engine, done, steps = llm.llm_engine, {}, 0
+    for request_id, (prompt, p) in requests.items():
+        engine.add_request(request_id, prompt, p)
+    while engine.has_unfinished_requests():
+        steps += 1
+        if steps == join_at:
+            engine.abort_request(list(abort))
+            for request_id, (prompt, p) in join.items():
+                engine.add_request(request_id, prompt, p)
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = list(output.outputs[0].token_ids)
+    return done
+
+
+def test_a_request_aborted_or_added_mid_flight_leaves_the_others_unchanged(engine):
+    llm, prompts = engine
+    mixes = {"a": {"cheerful": 3.0}, "b": {"concise": 4.0, "cheerful": -1.0}, "gone": {"concise": 2.0},
+             "late": {"cheerful": -2.0, "concise": 1.0}, "plain": None}
+    request = {name: (prompts[i % len(prompts)], params(mix, seed=20 + i, tokens=12))
+               for i, (name, mix) in enumerate(mixes.items())}
+    done = finished_tokens(llm, {n: request[n] for n in ("a", "gone", "b", "plain")}, {"late": request["late"]},
+                           abort={"gone"})
+    assert "gone" not in done and set(done) == {"a", "b", "late", "plain"}
+    for name, tokens in done.items():
+        prompt, p = request[name]
+        assert tokens == token_ids(llm.generate([prompt], p))[0], name
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "valuemix serve needs --base (the model to serve) and --heads"),
+    (["--base", "m", "--heads", "/no/such/head"], "/no/such/head"),
+])
+def test_valuemix_serve_refuses_missing_models_before_starting_vllm(argv, message):
+    from valuemix.serve_command import serve_main
+
+    with pytest.raises((ValueError, OSError)) as refused:
+        serve_main(argv)
+    assert message in str(refused.value)
+
+
 @pytest.mark.parametrize("mix, message", [
     ({"nope": 1.0}, "Unknown head 'nope'. Heads on this server: cheerful, concise."),
     ({"cheerful": float("nan")}, "Coefficient for head 'cheerful' must be a finite number, got nan."),
@@ -103,34 +183,110 @@ def test_a_bad_mix_is_refused_with_the_mixers_message_and_the_engine_keeps_servi
     assert token_ids(llm.generate(prompts[:1], params())) == token_ids(llm.generate(prompts[:1], params()))
 
 
-def test_the_openai_server_answers_a_bad_mix_with_http_400_and_keeps_serving(served, tmp_path):
-    """`vllm serve` with the processor: the OpenAI client gets a 400 naming the head, then its next request works."""
-    folder, _, env = served
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at `port` (from /proc/net/tcp: this machine is Linux)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory):
+    """`valuemix serve` on the SmolLM2 folder with two demo heads, at a free port; yields its URL."""
+    folder, _, _ = served
     port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
-               "--enforce-eager", "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
-               "--logits-processors", "valuemix.compose.vllm_processor:ValuemixLogitsProcessor"]
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "valuemix.cli", "serve", "--base", folder,
+               "--heads", *(str(HEADS_DIR / h) for h in HEADS), "--num-layers", str(BACKBONE_LAYERS),
+               "--port", str(port), "--", "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
+               "--enforce-eager", "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"])]
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600  # the first engine start takes a minute or two on a CPU
         while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert process.poll() is None, log_path.read_text()[-3000:]
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model=folder, prompt="Hello", max_tokens=4,
-                                      extra_body={"vllm_xargs": {"valuemix": json.dumps({"nope": 1.0})}})
-        assert refused.value.status_code == 400 and "Unknown head 'nope'" in str(refused.value)
-        reply = client.completions.create(model=folder, prompt="Hello", max_tokens=4, seed=0,
-                                          extra_body={"vllm_xargs": {"valuemix": json.dumps({"concise": 2.0})}})
-        assert reply.choices[0].text and reply.usage.completion_tokens >= 1
+        yield f"http://127.0.0.1:{port}", port
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_valuemix_serve_answers_a_bad_mix_with_http_400_and_keeps_serving(served, server):
+    """`valuemix serve` (vLLM's OpenAI server): the client gets a 400 naming the head, then its next request works."""
+    folder, _, _ = served
+    url, port = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=folder, prompt="Hello", max_tokens=4,
+                                  extra_body={"vllm_xargs": {"valuemix": json.dumps({"nope": 1.0})}})
+    assert refused.value.status_code == 400 and "Unknown head 'nope'" in str(refused.value)
+    reply = client.completions.create(model=folder, prompt="Hello", max_tokens=4, seed=0,
+                                      extra_body={"vllm_xargs": {"valuemix": json.dumps({"concise": 2.0})}})
+    assert reply.choices[0].text and reply.usage.completion_tokens >= 1
+    assert listening_addresses(port) == {"127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def served_model(served, server):
+    _, tokenizer, _ = served
+    return ServedModel(server[0], [str(HEADS_DIR / h) for h in HEADS], tokenizer)
+
+
+def test_a_served_mix_reports_the_exact_kl_from_the_base_along_its_reply(served, served_model):
+    """ServedModel's KL equals Σ_t KL(Mixer ‖ base top-k), computed here with the same model on its prefixes."""
+    folder, tokenizer, _ = served
+    weights = {"cheerful": 3.0, "concise": -2.0}
+    out = served_model.generate([PROMPTS[0]], weights, max_new_tokens=12, seed=5, chat_template=True)
+    plain = served_model.generate([PROMPTS[0]], {"cheerful": 0.0}, max_new_tokens=12, seed=5, chat_template=True)
+    assert plain.kl == [0.0] and out.texts[0] and out.texts[0] != plain.texts[0]
+    base, _ = load_smollm2()
+    bank = vm.ValueBank(folder, num_layers=BACKBONE_LAYERS)
+    bank.load_head([str(HEADS_DIR / h) for h in HEADS])
+    mixer = vm.Mixer(bank, weights, top_k=20)
+    prompt = tokenizer(chat(tokenizer, PROMPTS[0]), add_special_tokens=False).input_ids
+    expected = 0.0
+    with torch.inference_mode():
+        for t in range(len(out.token_ids[0])):
+            prefix = torch.tensor([prompt + out.token_ids[0][:t]])
+            scores = base(prefix).logits[:, -1].float()
+            expected += float(step_kl(mixer(prefix, scores), mixer.reference(scores))[0])
+    assert out.kl[0] == pytest.approx(expected, abs=1e-3, rel=1e-3)
+    assert tokenizer.decode(out.token_ids[0], skip_special_tokens=True) == out.texts[0]
+
+
+def test_the_slider_app_generates_on_a_served_model(served, served_model):
+    """The app with a ServedModel for its bank: its API replies are the server's, with KL; 'why' says it cannot."""
+    _, tokenizer, _ = served
+    parts = AppParts(None, tokenizer, served_model, {"short": lambda prompts, texts: [-len(t) for t in texts]},
+                     chat_template=True)
+    with serving(parts) as url:
+        client = Client(url, verbose=False)
+        text, result = client.predict(PROMPTS[1], '{"concise": 3.0}', 10, 2, api_name="/generate")
+        with pytest.raises(AppError, match="Unknown head 'polite'. Heads in this app: cheerful, concise."):
+            client.predict(PROMPTS[1], {"polite": 1.0}, 10, 2, api_name="/generate")
+    direct = served_model.generate([PROMPTS[1]], {"concise": 3.0}, max_new_tokens=10, seed=2, chat_template=True)
+    assert text == direct.texts[0] and result["kl"] == pytest.approx(direct.kl[0], abs=1e-3)
+    assert result["rewards"] == {"short": -len(text)} and result["base"]["kl"] == 0.0
+    outcome = run_mix_once(parts, validate_request(parts, PROMPTS[1], {"concise": 3.0}, 10, 2))
+    with pytest.raises(RequestError, match="'Why this token' needs the heads in this process"):
+        explain_step(parts, outcome, 0)
+
+
+def test_the_app_names_a_server_that_does_not_answer(served):
+    from valuemix.ui_command import ui_main
+
+    folder, _, _ = served
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"No server answers at {dead}/v1"):
+        ui_main(["--server", dead, "--base", folder, "--heads", str(HEADS_DIR / "concise")])
