@@ -189,7 +189,7 @@ def head_bytes(bank, name: str) -> dict:
     return out
 
 
-def _load() -> list[float] | None:
+def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages (other processes on the machine skew timings)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -245,7 +245,7 @@ def run(cfg: BenchConfig) -> dict:
     if not cfg.heads or min(cfg.heads) < 1:
         raise ValueError(f"--heads must list positive head counts, got {cfg.heads}")
     started = time.time()
-    load_before = _load()
+    load_before = load_average()
     tokenizer = build_tokenizer(cfg.vocab)
     base, backbone = build_models(cfg)
     banks = {n: make_bank(backbone, tokenizer, n, seed=cfg.seed) for n in sorted(set(cfg.heads))}
@@ -311,7 +311,7 @@ def run(cfg: BenchConfig) -> dict:
             loop_ms_per_token="decoding loop only (Generation.seconds / new tokens), median",
             call_overhead_ms="per call, outside the decoding loop (tokenisation, checks): wall - loop, median",
             tree_masks_ok={n: b.tree_masks_ok for n, b in banks.items()},
-            load_before=load_before, load_after=_load(),
+            load_before=load_before, load_after=load_average(),
         ),
         started=started, seconds=time.time() - started,
     )
