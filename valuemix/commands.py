@@ -43,7 +43,8 @@ class ModelArgs:
         "help": "the base model: a local folder or Hugging Face Hub id"})
     heads: list[str] = field(metadata={"metavar": "HEAD", "help": "head folders or Hub repo ids to load"})
     backbone: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone the heads were trained on: a folder or Hub id (required)"})
+        "help": "the value backbone the heads were trained on: a folder or Hub id (required, except for "
+                "`valuemix ui --server`)"})
     num_layers: int | None = field(default=None, metadata={
         "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
     chat_template: bool = field(default=False, metadata={
@@ -55,10 +56,10 @@ class ModelArgs:
 
 def load_models(args: ModelArgs):
     """(base, tokenizer, bank with the heads loaded) from the flags."""
-    import torch
-
     if not args.backbone:
         raise ValueError("--backbone is required: the value backbone the heads were trained on (a folder or Hub id).")
+    import torch
+
     from valuemix.heads.bank import ValueBank
     from valuemix.heads.loading import load_base
 
