@@ -22,8 +22,8 @@ def coefficient_problem(configs: Mapping[str, HeadConfig], head: str, beta) -> s
     low, high = configs[head].beta_range
     if not low <= beta <= high:
         return (f"Coefficient {beta} for head '{head}' is outside its range [{low}, {high}] (its head_config "
-                f"beta_range); pick a value inside it or widen the range with bank.configs['{head}'].beta_range = "
-                "(low, high).")
+                f"beta_range); pick a value inside it, or widen the range: beta_range in the head's head_config.json "
+                f"(for a server or app, before it starts), or bank.configs['{head}'].beta_range = (low, high).")
     return None
 
 
