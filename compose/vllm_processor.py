@@ -172,50 +172,49 @@ class ValuemixLogitsProcessor(LogitsProcessor):
             self.owners = [owner for owner in self.owners if owner in live]
         if not self.requests:
             return logits
-        slot = {mix: index for index, mix in self.requests.items()}
-        k = max(mix.top_k for mix in live)
-        top = {mix: logits[index].float().topk(min(mix.top_k, logits.shape[-1])) for mix, index in slot.items()}
-        values = self._values(self._candidates(top, k))
-        for mix, (top_scores, candidates) in top.items():
-            mix_heads = [h for h in self.bank.heads if h in mix.weights]
-            head_values = torch.stack([values[(mix, h)][: len(candidates)] for h in mix_heads])
-            beta = torch.tensor([mix.weights[h] for h in mix_heads], device=head_values.device)
-            shift = contributions(head_values, beta).sum(0).to(logits.device)
-            row = torch.full_like(logits[slot[mix]], -math.inf)
-            logits[slot[mix]] = row.scatter_(-1, candidates, (top_scores + shift).to(logits.dtype))
+        slots, mixes = zip(*sorted(self.requests.items()))
+        position = {mix: i for i, mix in enumerate(mixes)}
+        top_k = torch.tensor([mix.top_k for mix in mixes], device=logits.device)
+        # every request's candidates at the largest top-k asked; a request's own are the first top_k of them
+        top_scores, candidates = logits[list(slots)].float().topk(min(int(top_k.max()), logits.shape[-1]), dim=-1)
+        own = torch.arange(candidates.shape[1], device=logits.device) < top_k[:, None]
+        values = self._values(candidates, position).to(logits.device)  # (cache rows, k), rows as self.owners
+        row_request = torch.tensor([position[owner] for owner in self.owners], device=logits.device)
+        row_beta = torch.tensor([owner.weights[h] for owner, h in zip(self.owners, self.rows.row_heads)],
+                                device=logits.device)
+        row_own = own[row_request]
+        own_mean = (values * row_own).sum(-1, keepdim=True) / row_own.sum(-1, keepdim=True)
+        values = torch.where(row_own, values, own_mean)  # others: no contribution
+        shift = torch.zeros_like(top_scores).index_add_(0, row_request, contributions(values[None], row_beta[None])[0])
+        mixed = (top_scores + shift).masked_fill_(~own, -math.inf)
+        out = torch.full((len(slots), logits.shape[-1]), -math.inf, device=logits.device)
+        logits[list(slots)] = out.scatter_(-1, candidates, mixed).to(logits.dtype)
         return logits
 
     # -------------------------------------------------------------- internals
-    def _candidates(self, top: dict, k: int) -> dict[RequestMix, torch.Tensor]:
-        """Each request's candidates padded to k (the largest top-k asked) by repeating its last; the repeats are
-        valued in the same forward and ignored."""
-        padded = {}
-        for mix, (_, candidates) in top.items():
-            padded[mix] = torch.cat([candidates, candidates[-1:].expand(k - len(candidates))])
-        return padded
-
-    def _values(self, candidates: dict) -> dict[tuple, torch.Tensor]:
-        """{(request, head): values of its k candidates}: the cached rows in one forward, joiners in another."""
-        values = {}
+    def _values(self, candidates: torch.Tensor, position: dict) -> torch.Tensor:
+        """Values of each cache row's candidates (its request's row of `candidates`), rows in the order of
+        `self.owners` once this step's joiners are appended: the cached rows in one forward, joiners in another."""
+        values = []
         if self.owners:
             fresh = {mix: mix.tokens()[mix.fed:] for mix in self.owners}  # each request's tokens since last step
             tokens, real = self._left_padded([fresh[owner] for owner in self.owners])
-            got = self.rows.score(tokens, real, torch.stack([candidates[o] for o in self.owners]))
-            values.update(zip(zip(self.owners, self.rows.row_heads), got))
+            rows = torch.tensor([position[owner] for owner in self.owners], device=candidates.device)
+            values.append(self.rows.score(tokens, real, candidates[rows]))
             for mix, new_tokens in fresh.items():
                 mix.fed += len(new_tokens)
-        joiners = [mix for mix in candidates if mix not in set(self.owners)]
+        joiners = [mix for mix in position if mix not in set(self.owners)]
         if joiners:
             owners = [(mix, h) for mix in joiners for h in self.bank.heads if h in mix.weights]
             joined = RowCache(self.bank, [h for _, h in owners])
             tokens, real = self._left_padded([mix.tokens() for mix, _ in owners])
-            got = joined.score(tokens, real, torch.stack([candidates[mix] for mix, _ in owners]))
-            values.update(zip(owners, got))
+            rows = torch.tensor([position[mix] for mix, _ in owners], device=candidates.device)
+            values.append(joined.score(tokens, real, candidates[rows]))
             for mix in joiners:
                 mix.fed = len(mix.tokens())
             self.rows.extend(joined)
             self.owners += [mix for mix, _ in owners]
-        return values
+        return torch.cat(values)
 
     def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, real) of ragged sequences, left padded to the longest."""

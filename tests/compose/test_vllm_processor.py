@@ -68,8 +68,8 @@ def engine(served):
     mp.undo()
 
 
-def params(mix=None, seed=3, tokens=16, temperature=1.0, **kwargs):
-    extra = None if mix is None else {"valuemix": mix}
+def params(mix=None, seed=3, tokens=16, temperature=1.0, top_k=None, **kwargs):
+    extra = None if mix is None else {"valuemix": mix} | ({} if top_k is None else {"valuemix_top_k": top_k})
     return vllm.SamplingParams(max_tokens=tokens, temperature=temperature, seed=seed, extra_args=extra, **kwargs)
 
 
@@ -96,9 +96,11 @@ def test_a_mix_as_a_mapping_or_json_text_steers_the_same_way(engine):
 def test_concurrent_requests_with_different_mixes_each_equal_the_request_alone(engine):
     llm, prompts = engine
     mixes = [None, {"cheerful": 3.0}, {"concise": 4.0}, {"cheerful": 2.0, "concise": -2.0}] * 2
-    together = token_ids(llm.generate(prompts * 2, [params(m, seed=10 + i) for i, m in enumerate(mixes)]))
-    alone = [token_ids(llm.generate([p], params(m, seed=10 + i)))[0]
-             for i, (p, m) in enumerate(zip(prompts * 2, mixes))]
+    top_ks = [None] * 6 + [5, 40]  # two requests with their own candidate counts beside the default 20
+    together = token_ids(llm.generate(prompts * 2, [params(m, seed=10 + i, top_k=k)
+                                                    for i, (m, k) in enumerate(zip(mixes, top_ks))]))
+    alone = [token_ids(llm.generate([p], params(m, seed=10 + i, top_k=k)))[0]
+             for i, (p, m, k) in enumerate(zip(prompts * 2, mixes, top_ks))]
     assert together == alone
 
 
