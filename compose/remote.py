@@ -18,7 +18,9 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
-from valuemix.compose.generate import Generation, Stream, TextPiece, streamed
+import torch
+
+from valuemix.compose.generate import Generation, Stream, TextPiece, step_kl, streamed
 from valuemix.compose.mixer import read_mix
 from valuemix.heads.files import read_head_config
 from valuemix.heads.tokens import encode_prompts
@@ -109,14 +111,16 @@ class ServedModel:
         reply = self.client.completions.create(model=self.model, prompt=prompt_ids + tokens, max_tokens=1,
                                                temperature=0.0, extra_body={"prompt_logprobs": top_k})
         base_steps = reply.choices[0].model_extra["prompt_logprobs"][len(prompt_ids):]
-        total = 0.0
+        steps = []  # per step: (mixed logprob, base logprob) of each candidate
         for t, (mixed_step, base_step) in enumerate(zip(mixed, base_steps)):
-            p_mix = {int(k.removeprefix(TOKEN_ID)): math.exp(v) for k, v in mixed_step.items()}
-            if abs(sum(p_mix.values()) - 1.0) > 1e-3:
+            total = sum(math.exp(v) for v in mixed_step.values())
+            if abs(total - 1.0) > 1e-3:
                 raise ValueError(f"The server at {self.url} reports logprobs before the mix (step {t} sums to "
-                                 f"{sum(p_mix.values()):.4f}, not 1): start it with `valuemix serve`, which sets "
+                                 f"{total:.4f}, not 1): start it with `valuemix serve`, which sets "
                                  "--logprobs-mode processed_logprobs.")
-            raw = {int(k): v["logprob"] / temperature for k, v in base_step.items()}
-            norm = math.log(sum(math.exp(raw[a]) for a in p_mix if a in raw))
-            total += sum(p * (math.log(p) - (raw[a] - norm)) for a, p in p_mix.items() if p > 0 and a in raw)
-        return total
+            base = {int(k): v["logprob"] for k, v in base_step.items()}
+            steps.append([(v, base[a]) for k, v in mixed_step.items() if (a := int(k.removeprefix(TOKEN_ID))) in base])
+        pairs = torch.full((len(steps), max(map(len, steps)), 2), -math.inf)  # padding: probability 0 under both
+        for t, step in enumerate(steps):
+            pairs[t, :len(step)] = torch.tensor(step)
+        return float(step_kl(pairs[..., 0], pairs[..., 1] / temperature).sum())  # π_ref: the base top-k at T
