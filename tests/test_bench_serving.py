@@ -19,7 +19,7 @@ def test_serving_bench_end_to_end(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv(key, "")
     out = tmp_path / "serving.json"
     results = main(["--concurrency", "1", "2", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
-                    "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--out", str(out),
+                    "--max-model-len", "512", "--kv-cache-gib", "0.25", "--out", str(out),
                     "--markdown", str(tmp_path / "serving.md")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     rows = {(r["configuration"], r["concurrency"]): r for r in results["rows"]}

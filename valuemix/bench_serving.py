@@ -54,8 +54,7 @@ class ServingBenchConfig:
     beta: float = field(default=2.0, metadata={"help": "coefficient of every mixed head"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
     max_model_len: int = field(default=1024, metadata={"help": "vLLM's context length"})
-    gpu_memory_utilization: float = field(default=0.15, metadata={
-        "help": "vLLM's KV cache share of device memory (of RAM on a CPU)"})
+    kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM's KV cache size, GiB (kv_cache_memory_bytes)"})
     seed: int = 0
     out: str = field(default="bench_out/serving.json", metadata={"help": "JSON results file"})
     markdown: str | None = field(default=None, metadata={"help": "also write the Markdown table here"})
@@ -95,7 +94,7 @@ def vllm_rows(cfg: ServingBenchConfig, folder: str, with_processor: bool) -> lis
     else:
         cases = [("vLLM plain", None)]
     llm = vllm.LLM(model=folder, dtype="float32", max_model_len=cfg.max_model_len, enforce_eager=True,
-                   gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+                   kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), seed=cfg.seed,
                    logits_processors=[ValuemixLogitsProcessor] if with_processor else None)
     tokenizer = llm.get_tokenizer()
     rows = []
