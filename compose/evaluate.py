@@ -1,7 +1,7 @@
 """Evaluation: reward vs KL of value mixing over a coefficient sweep, against Best-of-N.
 
 π_ref is the base model under the mixer's own sampling settings with every β = 0 (the base
-truncated to the top-k), so that β = 0 costs KL 0. Best-of-N draws N samples from that same π_ref
+truncated to the mixer's candidate sets: the top-k, or its top-p nucleus), so that β = 0 costs KL 0. Best-of-N draws N samples from that same π_ref
 and keeps the best by the reward; its KL from π_ref is log N − (N − 1)/N, and its mean reward is
 computed exactly from M ≥ N samples per prompt with order statistics (no resampling noise).
 """
@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import TopKLogitsWarper
-
 from valuemix.heads.bank import ValueBank
 from valuemix.compose.generate import generate
-from valuemix.compose.mixer import Mixer
+from valuemix.compose.mixer import DEFAULT_TOP_P, Mixer
 
 Reward = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -39,6 +37,7 @@ class EvalConfig:
         "help": "the largest N of Best-of-N; N = 1, 2, 4, … up to it, from `best_of` samples per prompt"})
     max_new_tokens: int = field(default=48, metadata={"help": "sampling settings shared by the mixer and π_ref"})
     top_k: int = field(default=20, metadata={"help": "sampling settings shared by the mixer and π_ref"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={"help": "sampling settings shared by the mixer and π_ref"})
     temperature: float = field(default=1.0, metadata={"help": "sampling settings shared by the mixer and π_ref"})
     chat_template: bool = field(default=False, metadata={
         "help": "wrap each prompt as a user message with the tokenizer's chat template"})
@@ -116,7 +115,7 @@ def evaluate(base, tokenizer, bank: ValueBank, prompts: Sequence[str], rewards: 
         results.append(measure_mix(base, tokenizer, bank, prompts, weights, rewards, config))
         bar.update(1)
     bar.set_postfix_str(f"Best-of-{config.best_of} from π_ref")
-    best_of_n = _best_of_n(base, tokenizer, prompts, rewards, config)
+    best_of_n = _best_of_n(base, tokenizer, bank, prompts, rewards, config)
     bar.update(1)
     bar.close()
     report = {"config": asdict(config), "heads": heads, "prompts": len(prompts),
@@ -133,7 +132,7 @@ def measure_mix(base, tokenizer, bank: ValueBank, prompts: Sequence[str], weight
     """
     config = config or EvalConfig()
     n = config.samples_per_prompt
-    mixer = Mixer(bank, weights, top_k=config.top_k, tokenizer=tokenizer)
+    mixer = Mixer(bank, weights, top_k=config.top_k, top_p=config.top_p, tokenizer=tokenizer)
     texts, kls, seconds = _sample(base, tokenizer, prompts, n, config, mixer)
     repeated = [p for p in prompts for _ in range(n)]
     scores = {name: np.asarray(fn(repeated, texts), dtype=float).reshape(len(prompts), -1)
@@ -149,20 +148,19 @@ def _sample(base, tokenizer, prompts, n, config, mixer):
     for start in range(0, len(repeated), config.batch_size):
         batch = repeated[start:start + config.batch_size]
         began = time.perf_counter()
-        processors = [] if mixer is not None else [TopKLogitsWarper(top_k=config.top_k)]
         out = generate(base, tokenizer, batch, mixer, max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature, seed=config.seed + start, logits_processors=processors,
-                       chat_template=config.chat_template)
+                       temperature=config.temperature, seed=config.seed + start, chat_template=config.chat_template)
         seconds += time.perf_counter() - began
         texts += out.texts
         kls += out.kl
     return texts, kls, seconds / len(repeated)
 
 
-def _best_of_n(base, tokenizer, prompts, rewards, config) -> dict:
+def _best_of_n(base, tokenizer, bank, prompts, rewards, config) -> dict:
     """Best-of-N curves for every reward from `best_of` π_ref samples per prompt."""
     m = config.best_of
-    texts, _, sample_seconds = _sample(base, tokenizer, prompts, m, config, None)
+    reference = Mixer(bank, {}, top_k=config.top_k, top_p=config.top_p, tokenizer=tokenizer)  # no head: π_ref
+    texts, _, sample_seconds = _sample(base, tokenizer, prompts, m, config, reference)
     repeated = [p for p in prompts for _ in range(m)]
     curves = {}
     for name, fn in rewards.items():
@@ -223,6 +221,7 @@ def head_evaluation(report: dict, head: str) -> dict:
     return {"working_beta_range": summary["working_beta_range"], "sweep": summary["sweep"],
             "prompts": report["prompts"], "samples_per_prompt": config["samples_per_prompt"],
             "max_new_tokens": config["max_new_tokens"], "top_k": config["top_k"],
+            "top_p": config.get("top_p", 1.0),
             "largest_best_of_n_reached": summary.get("largest_best_of_n_reached")}
 
 

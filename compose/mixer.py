@@ -14,6 +14,16 @@ from valuemix.heads.head_config import HeadConfig
 from valuemix.compose.candidates import CandidateScorer
 
 
+DEFAULT_TOP_P = 1.0
+
+
+def check_top_p(top_p) -> None:
+    """Refuse a top_p outside (0, 1]."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (got {top_p!r}): 1.0 values all top_k candidates, 0.9 "
+                         "only the smallest leading set of them that holds 90% of the base probability.")
+
+
 def coefficient_problem(configs: Mapping[str, HeadConfig], head: str, beta) -> str | None:
     """Why `beta` is not a valid coefficient for `head` (one of `configs`, e.g. `bank.configs`), in words; None if it
     is valid."""
@@ -61,14 +71,28 @@ def read_mix(mix, configs: Mapping[str, HeadConfig], name: str = "weights", wher
     return weights
 
 
-def contributions(values: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def contributions(values: torch.Tensor, beta: torch.Tensor, in_set: torch.Tensor | None = None) -> torch.Tensor:
     """Each head's addition to its candidates' scores, β_h·(V_h(s·a) − mean_a' V_h(s·a')).
 
     values: (heads, batch, k); beta: (heads,), or (heads, batch) when rows have their own coefficients.
+    in_set: (batch, k), True for the candidates of each row's set (the mean runs over them; the others get 0).
     Returns the shape of `values`; its sum over heads is what VAS adds to the candidates' scores.
     """
     beta = beta.to(values.dtype).reshape(*beta.shape, *([1] * (values.dim() - beta.dim())))
-    return beta * (values - values.mean(dim=-1, keepdim=True))
+    if in_set is None:
+        return beta * (values - values.mean(dim=-1, keepdim=True))
+    weight = in_set.to(values.dtype)
+    mean = (values * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)
+    return beta * (values - mean) * weight
+
+
+def nucleus(scores: torch.Tensor, top_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(batch, k) bool over the sorted top-k: the smallest leading set whose base probability (softmax of
+    `scores` over the whole vocabulary) reaches `top_p`, capped at the k; all k for top_p = 1."""
+    if top_p >= 1.0:
+        return torch.ones_like(top_scores, dtype=torch.bool)
+    probs = (top_scores.float() - torch.logsumexp(scores.float(), dim=-1, keepdim=True)).exp()
+    return probs.cumsum(-1) - probs < top_p  # the mass before a candidate is still short of top_p
 
 
 class Mixer(LogitsProcessor):
@@ -79,9 +103,15 @@ class Mixer(LogitsProcessor):
 
         scores[a] += Σ_h β_h · (V_h(s·a) − mean_{a'} V_h(s·a'))      for a in top-k(scores)
 
-    Tokens outside the top-k are masked to -inf (sampling stays among the valued candidates), or left
+    With `top_p` < 1 the candidates of a row are only the smallest leading part of its top-k whose base
+    probability reaches top_p (a nucleus inside the top-k), so a confident step has few candidates, and a
+    row whose set is a single token is not valued at all; when every row of a step is such a row, the value
+    backbone does not run (the tokens are fed with the next step that values something). Rows of a batch
+    may have sets of different sizes; the mean is over each row's own set.
+
+    Tokens outside the set are masked to -inf (sampling stays among the valued candidates), or left
     unchanged with `mask_outside_top_k=False`, as in the reference VAS code. With every β_h = 0 the
-    output is exactly the base top-k scores. β_h < 0 pushes away from reward h.
+    output is exactly the base scores truncated to the set (`reference`). β_h < 0 pushes away from reward h.
 
     The mixer is a pure function of (input_ids, scores, weights) up to a float tolerance: called cold
     on any input it gives the same candidates, and added values within `compose.candidates.VALUE_ATOL`
@@ -93,7 +123,8 @@ class Mixer(LogitsProcessor):
     Args:
         bank: the value bank holding the heads.
         weights: head name -> coefficient β (heads left out are 0).
-        top_k: number of candidates valued per step.
+        top_k: the most candidates valued per step.
+        top_p: keep, of the top-k, the smallest set whose base probability reaches top_p (1.0: all k).
         mask_outside_top_k: mask tokens outside the top-k (default) or leave them unchanged.
         tokenizer: the base model's tokenizer; if given, it must match the backbone's.
         pad_token_id: the id used for left padding (default: the bank tokenizer's).
@@ -105,12 +136,15 @@ class Mixer(LogitsProcessor):
     """
 
     def __init__(self, bank: ValueBank, weights: Mapping[str, float] | None = None, top_k: int = 20,
-                 mask_outside_top_k: bool = True, tokenizer=None, pad_token_id: int | None = None):
+                 mask_outside_top_k: bool = True, tokenizer=None, pad_token_id: int | None = None,
+                 top_p: float = DEFAULT_TOP_P):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer (got {top_k!r}); 20 is the usual choice.")
+        check_top_p(top_p)
         bank.check_tokenizer(tokenizer)
         self.bank = bank
         self.top_k = top_k
+        self.top_p = float(top_p)
         self.mask_outside_top_k = mask_outside_top_k
         self.pad_token_id = pad_token_id
         self.weights: dict[str, float] = {}
@@ -140,31 +174,47 @@ class Mixer(LogitsProcessor):
             self.scorer = CandidateScorer(self.bank, heads, self.pad_token_id)
         return self.scorer
 
-    def candidate_values(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
-        """(candidates (batch, k), their base scores (batch, k), values (n_active, batch, k)) for inspection."""
-        top_scores, candidates = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
-        heads = self.active_heads
-        values = self._scorer(heads)(input_ids, candidates).to(scores.device) if heads else None
-        return candidates, top_scores, values
+    def candidate_sets(self, scores: torch.FloatTensor):
+        """(candidates (batch, w), their base scores (batch, w), in_set (batch, w)) for each row's set of candidates.
 
-    def contributions(self, values: torch.Tensor) -> torch.Tensor:
-        """Each active head's addition to its candidates' scores, β_h·(V_h(s·a) − mean_a' V_h(s·a')).
-
-        values: (n_active, batch, k) from `candidate_values`; returns the same shape (sum over heads: the shift).
+        w is the largest set of the batch (at most top_k); `in_set` marks each row's own, a leading part.
         """
-        return contributions(values, torch.tensor([self.weights[h] for h in self.active_heads], device=values.device))
+        top_scores, candidates = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        in_set = nucleus(scores, top_scores, self.top_p)
+        width = int(in_set.sum(-1).max())
+        return candidates[:, :width], top_scores[:, :width], in_set[:, :width]
+
+    def candidate_values(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
+        """`candidate_sets` and the values (n_active, batch, w), None when no head is active or every set has one
+        token (nothing to value)."""
+        candidates, top_scores, in_set = self.candidate_sets(scores)
+        heads = self.active_heads
+        values = None
+        if heads and candidates.shape[1] > 1:
+            values = self._scorer(heads)(input_ids, candidates).to(scores.device)
+        return candidates, top_scores, in_set, values
+
+    def contributions(self, values: torch.Tensor, in_set: torch.Tensor) -> torch.Tensor:
+        """Each active head's addition to its candidates' scores, β_h·(V_h(s·a) − mean_a' V_h(s·a')) in each set.
+
+        values, in_set: from `candidate_values`; returns the shape of `values` (sum over heads: the shift).
+        """
+        beta = torch.tensor([self.weights[h] for h in self.active_heads], device=values.device)
+        return contributions(values, beta, in_set)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        candidates, top_scores, values = self.candidate_values(input_ids, scores)
+        candidates, top_scores, in_set, values = self.candidate_values(input_ids, scores)
+        mixed = top_scores
         if values is not None:
-            top_scores = top_scores + self.contributions(values).sum(0).to(scores.dtype)
-        return self._place(scores, candidates, top_scores)
+            mixed = top_scores + self.contributions(values, in_set).sum(0).to(scores.dtype)
+        return self._place(scores, candidates, top_scores, mixed, in_set)
 
     def reference(self, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """The mixer's output with every β = 0: the base scores truncated to the top-k (π_ref)."""
-        top_scores, candidates = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
-        return self._place(scores, candidates, top_scores)
+        """The mixer's output with every β = 0: the base scores truncated to each row's set (π_ref)."""
+        candidates, top_scores, in_set = self.candidate_sets(scores)
+        return self._place(scores, candidates, top_scores, top_scores, in_set)
 
-    def _place(self, scores, candidates, top_scores):
-        out = torch.full_like(scores, -math.inf) if self.mask_outside_top_k else scores.clone()
-        return out.scatter_(-1, candidates, top_scores)
+    def _place(self, scores, candidates, top_scores, mixed, in_set):
+        if self.mask_outside_top_k:
+            return torch.full_like(scores, -math.inf).scatter_(-1, candidates, mixed.masked_fill(~in_set, -math.inf))
+        return scores.clone().scatter_(-1, candidates, torch.where(in_set, mixed, top_scores))

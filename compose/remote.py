@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from valuemix.compose.generate import Generation, Stream, TextPiece, step_kl, streamed
-from valuemix.compose.mixer import read_mix
+from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, read_mix
 from valuemix.heads.files import read_head_config
 from valuemix.heads.tokens import encode_prompts
 
@@ -69,8 +69,10 @@ class ServedModel:
 
     def generate(self, prompts: Sequence[str], weights: Mapping[str, float] | None = None, *,
                  max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, top_k: int = 20,
-                 chat_template: bool = False, stream: bool = False) -> Generation | Stream:
-        """Like `compose.generate.generate` with a `Mixer(bank, weights, top_k)`, on the server."""
+                 top_p: float = DEFAULT_TOP_P, chat_template: bool = False, stream: bool = False
+                 ) -> Generation | Stream:
+        """Like `compose.generate.generate` with a `Mixer(bank, weights, top_k, top_p=top_p)`, on the server."""
+        check_top_p(top_p)
         weights = {h: b for h, b in read_mix(dict(weights or {}), self.configs, "weights", "on this server").items()
                    if b != 0.0}
         texts, prompt_ids, mask = encode_prompts(self.tokenizer, prompts, chat_template)
@@ -81,7 +83,7 @@ class ServedModel:
             completions, token_ids, kls = [], [], []
             for row, ids in enumerate(rows):
                 text, tokens, mixed = "", [], []
-                for chunk in self._complete(ids, weights, max_new_tokens, temperature, seed, top_k):
+                for chunk in self._complete(ids, weights, max_new_tokens, temperature, seed, top_k, top_p):
                     choice = chunk.choices[0]
                     if choice.text:
                         text += choice.text
@@ -91,21 +93,22 @@ class ServedModel:
                         mixed += choice.logprobs.top_logprobs
                 completions.append(text)
                 token_ids.append(tokens)
-                kls.append(self._kl(ids, tokens, mixed, temperature, top_k) if weights else 0.0)
+                kls.append(self._kl(ids, tokens, mixed, temperature, top_k, top_p) if weights else 0.0)
             out.result = Generation(list(texts), completions, token_ids, kls, time.perf_counter() - start)
 
         return streamed(pieces, stream)
 
-    def _complete(self, prompt_ids, weights, max_new_tokens, temperature, seed, top_k):
+    def _complete(self, prompt_ids, weights, max_new_tokens, temperature, seed, top_k, top_p):
         extra = {"top_k": top_k, "return_tokens_as_token_ids": True}
         if weights:
-            extra["vllm_xargs"] = {"valuemix": json.dumps(weights), "valuemix_top_k": top_k}
+            extra["vllm_xargs"] = {"valuemix": json.dumps(weights), "valuemix_top_k": top_k, "valuemix_top_p": top_p}
         return self.client.completions.create(model=self.model, prompt=prompt_ids, max_tokens=max_new_tokens,
                                               temperature=temperature, seed=seed, logprobs=top_k, stream=True,
                                               extra_body=extra)
 
-    def _kl(self, prompt_ids, tokens, mixed, temperature, top_k) -> float:
-        """Σ_t KL(π_mix,t ‖ π_ref,t) along the reply: π_mix from its logprobs, π_ref from the prompt_logprobs."""
+    def _kl(self, prompt_ids, tokens, mixed, temperature, top_k, top_p) -> float:
+        """Σ_t KL(π_mix,t ‖ π_ref,t) along the reply: π_mix from its logprobs, π_ref from the prompt_logprobs (the
+        base's top-k, cut to the same nucleus as the mixer's sets)."""
         if not tokens:
             return 0.0
         reply = self.client.completions.create(model=self.model, prompt=prompt_ids + tokens, max_tokens=1,
@@ -118,7 +121,10 @@ class ServedModel:
                 raise ValueError(f"The server at {self.url} reports logprobs before the mix (step {t} sums to "
                                  f"{total:.4f}, not 1): start it with `valuemix serve`, which sets "
                                  "--logprobs-mode processed_logprobs.")
-            base = {int(k): v["logprob"] for k, v in base_step.items()}
+            base = dict(sorted(((int(k), v["logprob"]) for k, v in base_step.items()), key=lambda kv: -kv[1])[:top_k])
+            mass = 0.0
+            for token, logprob in base.items():  # outside the nucleus: probability 0 under π_ref, as under π_mix
+                base[token], mass = (logprob if mass < top_p or top_p >= 1 else -math.inf), mass + math.exp(logprob)
             steps.append([(v, base[a]) for k, v in mixed_step.items() if (a := int(k.removeprefix(TOKEN_ID))) in base])
         pairs = torch.full((len(steps), max(map(len, steps)), 2), -math.inf)  # padding: probability 0 under both
         for t, step in enumerate(steps):

@@ -14,10 +14,13 @@ in its engine process, with no arguments of ours):
     VALUEMIX_HEADS       head folders or Hub ids, separated by commas (required)
     VALUEMIX_NUM_LAYERS  use only the backbone's first N decoder layers (as the heads' cards say)
     VALUEMIX_TOP_K       candidates valued per step unless a request asks otherwise (default 20)
+    VALUEMIX_TOP_P       the nucleus inside the top-k unless a request asks otherwise (default 1: all k)
 
 A request asks for a mix under the key "valuemix" of its `SamplingParams.extra_args`: a mapping
 {head: β} or the same as a JSON string (the OpenAI API's `vllm_xargs` values are flat), plus
-optionally "valuemix_top_k". Requests without a mix, or whose every β is 0, are not touched.
+optionally "valuemix_top_k" and "valuemix_top_p" (as `Mixer`'s top_k and top_p: a step whose every
+mixed request has a one-token set runs no value forward). Requests without a mix, or whose every β
+is 0, are not touched.
 A bad mix is refused in `validate_params` with the Mixer's own message, which the server returns
 as HTTP 400.
 
@@ -30,7 +33,8 @@ request that joins is read once and appended. Rows are left padded to the longes
 padding columns no live row needs are dropped, so the cache holds at most
     (mixed requests × their heads) × (longest live request) × 2 × layers × kv_heads × head_dim × bytes
 of the value backbone: for SmolLM2-135M in float32, 45 KiB per row and token; the engine logs the
-bound for its `max_num_seqs` and `max_model_len` at start.
+bound for its `max_num_seqs` and `max_model_len` at start. Shared-trunk heads of one request share
+their lower layers' rows (`ValueBank.trunk_plan`), so they take less, and their trunk runs once.
 """
 
 from __future__ import annotations
@@ -48,13 +52,13 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from valuemix.compose.candidates import RowCache
-from valuemix.compose.mixer import contributions, read_mix
+from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, contributions, read_mix
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.files import read_head_config
 
-MIX_KEY, TOP_K_KEY = "valuemix", "valuemix_top_k"
+MIX_KEY, TOP_K_KEY, TOP_P_KEY = "valuemix", "valuemix_top_k", "valuemix_top_p"
 ENV_BACKBONE, ENV_HEADS = "VALUEMIX_BACKBONE", "VALUEMIX_HEADS"
-ENV_NUM_LAYERS, ENV_TOP_K = "VALUEMIX_NUM_LAYERS", "VALUEMIX_TOP_K"
+ENV_NUM_LAYERS, ENV_TOP_K, ENV_TOP_P = "VALUEMIX_NUM_LAYERS", "VALUEMIX_TOP_K", "VALUEMIX_TOP_P"
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class RequestMix:
 
     weights: dict[str, float]
     top_k: int
+    top_p: float = DEFAULT_TOP_P
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     fed: int = 0
@@ -74,15 +79,16 @@ class RequestMix:
         return self.prompt_ids + list(self.output_ids)
 
 
-def engine_settings() -> tuple[str, list[str], int | None, int]:
-    """(backbone, head sources, num_layers, default top-k) from the environment; a ValueError says what is missing."""
+def engine_settings() -> tuple[str, list[str], int | None, int, float]:
+    """(backbone, head sources, num_layers, default top-k, default top-p) from the environment; a ValueError says
+    what is missing."""
     backbone, heads = os.environ.get(ENV_BACKBONE, "").strip(), os.environ.get(ENV_HEADS, "").strip()
     if not backbone or not heads:
         raise ValueError(f"The valuemix logits processor needs {ENV_BACKBONE} (the value backbone) and {ENV_HEADS} "
                          "(head folders or Hub ids, comma-separated) in the environment of the vLLM server.")
     layers = os.environ.get(ENV_NUM_LAYERS, "").strip()
     return backbone, [h.strip() for h in heads.split(",") if h.strip()], int(layers) if layers else None, \
-        int(os.environ.get(ENV_TOP_K, "20"))
+        int(os.environ.get(ENV_TOP_K, "20")), float(os.environ.get(ENV_TOP_P, str(DEFAULT_TOP_P)))
 
 
 @functools.cache
@@ -95,11 +101,12 @@ def head_configs(sources: tuple[str, ...]) -> dict:
     return configs
 
 
-def parse_mix(params: SamplingParams, configs: Mapping, default_top_k: int) -> RequestMix | None:
+def parse_mix(params: SamplingParams, configs: Mapping, default_top_k: int,
+              default_top_p: float = DEFAULT_TOP_P) -> RequestMix | None:
     """The request's mix from `params.extra_args` (None when it asks for none, or every β is 0).
 
     Raises ValueError naming the problem and the fix: not a mapping, unknown head, a β that is not a finite
-    number or is outside the head's range, a top-k that is not a positive whole number.
+    number or is outside the head's range, a top-k that is not a positive whole number, a top-p outside (0, 1].
     """
     extra = params.extra_args or {}
     if MIX_KEY not in extra:
@@ -110,8 +117,13 @@ def parse_mix(params: SamplingParams, configs: Mapping, default_top_k: int) -> R
         top_k = int(top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f'"{TOP_K_KEY}" must be a positive whole number (got {top_k!r}); 20 is the usual choice.')
+    top_p = extra.get(TOP_P_KEY, default_top_p)
+    try:
+        check_top_p(float(top_p) if isinstance(top_p, str) else top_p)
+    except ValueError as err:
+        raise ValueError(f'"{TOP_P_KEY}": {err}') from None
     weights = {h: b for h, b in weights.items() if b != 0.0}
-    return RequestMix(weights, top_k) if weights else None
+    return RequestMix(weights, top_k, float(top_p)) if weights else None
 
 
 class ValuemixLogitsProcessor(LogitsProcessor):
@@ -119,11 +131,11 @@ class ValuemixLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
-        _, heads, _, top_k = engine_settings()
-        parse_mix(sampling_params, head_configs(tuple(heads)), top_k)
+        _, heads, _, top_k, top_p = engine_settings()
+        parse_mix(sampling_params, head_configs(tuple(heads)), top_k, top_p)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        backbone, heads, num_layers, self.default_top_k = engine_settings()
+        backbone, heads, num_layers, self.default_top_k, self.default_top_p = engine_settings()
         self.bank = ValueBank(backbone, num_layers=num_layers, device=device)
         self.bank.load_head(heads)
         self.bank.check_tokenizer(AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer),
@@ -152,7 +164,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         for index in batch_update.removed:
             self.requests.pop(index, None)
         for index, params, prompt_ids, output_ids in batch_update.added:
-            mix = parse_mix(params, self.bank.configs, self.default_top_k)
+            mix = parse_mix(params, self.bank.configs, self.default_top_k, self.default_top_p)
             if mix is None:
                 self.requests.pop(index, None)
             else:
@@ -175,18 +187,24 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         slots, mixes = zip(*sorted(self.requests.items()))
         position = {mix: i for i, mix in enumerate(mixes)}
         top_k = torch.tensor([mix.top_k for mix in mixes], device=logits.device)
-        # every request's candidates at the largest top-k asked; a request's own are the first top_k of them
-        top_scores, candidates = logits[list(slots)].float().topk(min(int(top_k.max()), logits.shape[-1]), dim=-1)
+        top_p = torch.tensor([mix.top_p for mix in mixes], device=logits.device)
+        # every request's candidates at the largest top-k asked; a request's own are a leading part of them: its
+        # top_k, and of those the smallest set whose base probability reaches its top_p (as `mixer.nucleus`)
+        scores = logits[list(slots)].float()
+        top_scores, candidates = scores.topk(min(int(top_k.max()), logits.shape[-1]), dim=-1)
         own = torch.arange(candidates.shape[1], device=logits.device) < top_k[:, None]
-        values = self._values(candidates, position).to(logits.device)  # (cache rows, k), rows as self.owners
-        row_request = torch.tensor([position[owner] for owner in self.owners], device=logits.device)
-        row_beta = torch.tensor([owner.weights[h] for owner, h in zip(self.owners, self.rows.row_heads)],
-                                device=logits.device)
-        row_own = own[row_request]
-        own_mean = (values * row_own).sum(-1, keepdim=True) / row_own.sum(-1, keepdim=True)
-        values = torch.where(row_own, values, own_mean)  # others: no contribution
-        shift = torch.zeros_like(top_scores).index_add_(0, row_request, contributions(values[None], row_beta[None])[0])
-        mixed = (top_scores + shift).masked_fill_(~own, -math.inf)
+        probs = (top_scores - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
+        own &= (probs.cumsum(-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1)
+        mixed = top_scores
+        if int(own.sum(-1).max()) > 1:  # else every set is one token: nothing to value (fed with the next forward)
+            values = self._values(candidates, position).to(logits.device)  # (cache rows, k), rows as self.owners
+            row_request = torch.tensor([position[owner] for owner in self.owners], device=logits.device)
+            row_beta = torch.tensor([owner.weights[h] for owner, h in zip(self.owners, self.rows.row_heads)],
+                                    device=logits.device)
+            shift = torch.zeros_like(top_scores).index_add_(0, row_request, contributions(
+                values[None], row_beta[None], own[row_request])[0])
+            mixed = top_scores + shift
+        mixed = mixed.masked_fill(~own, -math.inf)
         out = torch.full((len(slots), logits.shape[-1]), -math.inf, device=logits.device)
         logits[list(slots)] = out.scatter_(-1, candidates, mixed).to(logits.dtype)
         return logits
@@ -206,7 +224,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         joiners = [mix for mix in position if mix not in set(self.owners)]
         if joiners:
             owners = [(mix, h) for mix in joiners for h in self.bank.heads if h in mix.weights]
-            joined = RowCache(self.bank, [h for _, h in owners])
+            joined = RowCache(self.bank, [h for _, h in owners], [mix for mix, _ in owners])  # heads share trunks
             tokens, real = self._left_padded([mix.tokens() for mix, _ in owners])
             rows = torch.tensor([position[mix] for mix, _ in owners], device=candidates.device)
             values.append(joined.score(tokens, real, candidates[rows]))

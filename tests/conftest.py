@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -14,7 +15,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from valuemix.tiny import FAMILIES, build_model, build_tokenizer  # noqa: F401  (tests import them from here)
+from transformers import LogitsProcessor  # noqa: E402
+
+from valuemix.heads.tokens import real_token_mask  # noqa: E402
+from valuemix.tiny import FAMILIES, build_model, build_tokenizer  # noqa: F401, E402  (tests import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -70,13 +74,15 @@ def randomize_heads(bank, scale: float = 0.5, seed: int = 0) -> None:
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
 
 
-def make_bank(tokenizer, family: str = "llama", heads=("helpful", "concise"), seed: int = 1):
-    """A ValueBank on a tiny backbone with randomised heads."""
+def make_bank(tokenizer, family: str = "llama", heads=("helpful", "concise"), seed: int = 1, layers: int = 2,
+              lora_layers: dict | None = None):
+    """A ValueBank on a tiny backbone of `layers` layers with randomised heads; `lora_layers[head]` puts a head's
+    LoRA on that many top layers only (a shared-trunk head)."""
     from valuemix.heads.bank import ValueBank
 
-    bank = ValueBank(build_model(family, len(tokenizer), seed=seed), tokenizer)
+    bank = ValueBank(build_model(family, len(tokenizer), seed=seed, layers=layers), tokenizer)
     for head in heads:
-        bank.add_head(head)
+        bank.add_head(head, layers=(lora_layers or {}).get(head))
     randomize_heads(bank, seed=seed)
     return bank
 
@@ -99,6 +105,53 @@ def brute_force_values(bank, input_ids, attention_mask, candidates, heads):
         mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
         out[:, :, c] = bank.values(ids, mask, heads=heads)[:, :, -1]
     return out
+
+
+MIX_PROMPTS = ["hello world", "the cat sat on the mat and the dog"]  # different lengths: left padding
+
+
+class Recorder(LogitsProcessor):
+    """Wraps the mixer inside `generate` and keeps (input_ids, scores in, scores out) of every call."""
+
+    def __init__(self, mixer):
+        self.mixer, self.calls = mixer, []
+
+    def __call__(self, input_ids, scores):
+        out = self.mixer(input_ids, scores)
+        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
+        return out
+
+
+def run_generate(base, tokenizer, processor, new_tokens=6, seed=0):
+    enc = tokenizer(MIX_PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    return base.generate(**enc, logits_processor=[processor], do_sample=True, max_new_tokens=new_tokens,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+
+
+def nucleus_sizes(scores, top_k, top_p):
+    """Each row's set size, one token at a time: add the next most likely token while the mass is short of top_p."""
+    sizes = []
+    for row in torch.softmax(scores.double(), -1):
+        probs, size, mass = row.sort(descending=True).values.tolist(), 0, 0.0
+        while size < top_k and (size == 0 or mass < top_p or top_p == 1):
+            mass, size = mass + probs[size], size + 1
+        sizes.append(size)
+    return sizes
+
+
+def expected_scores(bank, input_ids, scores, weights, top_k, top_p=1.0):
+    """β·(V − mean V) over each row's set (its nucleus inside the top-k) added by brute force; -inf elsewhere."""
+    expected = torch.full_like(scores, -math.inf)
+    heads = list(weights)
+    beta = torch.tensor([weights[h] for h in heads])
+    for row, size in enumerate(nucleus_sizes(scores, top_k, top_p)):
+        top, candidates = scores[row:row + 1].topk(size, dim=-1)
+        ids = input_ids[row:row + 1]
+        values = brute_force_values(bank, ids, real_token_mask(ids, bank.tokenizer.pad_token_id), candidates, heads)
+        bonus = torch.einsum("h,hbk->bk", beta, values - values.mean(-1, keepdim=True))
+        expected[row].scatter_(-1, candidates[0], (top + bonus)[0])
+    return expected
 
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"

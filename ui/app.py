@@ -23,6 +23,7 @@ import time
 import gradio as gr
 import pandas as pd
 
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.ui.logic import (
     MAX_NEW_TOKENS,
     AppParts,
@@ -215,17 +216,17 @@ class Handlers:
 
 
 def build_app(world, *, concurrency_limit: int = 2, max_new_tokens: int = 64, top_k: int = 20,
-              title: str = "valuemix") -> gr.Blocks:
+              top_p: float = DEFAULT_TOP_P, title: str = "valuemix") -> gr.Blocks:
     """The slider app for `world`: an `AppParts` or anything like `DemoWorld` (base, tokenizer, bank, ...).
 
     Args:
         world: what to steer (see `valuemix.ui.logic.AppParts`; a `DemoWorld` is converted).
         concurrency_limit: generations run at once (the queue's default concurrency).
         max_new_tokens: the length slider's starting value (at most `MAX_NEW_TOKENS`).
-        top_k: candidates valued per step, when `world` is not already an `AppParts`.
+        top_k, top_p: the mixer's candidate sets (see `Mixer`), when `world` is not already an `AppParts`.
         title: the browser tab's title.
     """
-    parts = as_parts(world, top_k=top_k)
+    parts = as_parts(world, top_k=top_k, top_p=top_p)
     heads = parts.heads
     if not heads:
         raise ValueError("The bank has no heads: load at least one head to build the slider app.")

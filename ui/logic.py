@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 
 from valuemix.compose.generate import generate
-from valuemix.compose.mixer import Mixer, read_mix
+from valuemix.compose.mixer import DEFAULT_TOP_P, Mixer, read_mix
 from valuemix.compose.remote import ServedModel
 from valuemix.heads.tokens import encode_prompts
 
@@ -51,7 +51,8 @@ class AppParts:
         rewards: reward name -> callable `(prompts, completions) -> list[float]`; may be empty.
         examples: example prompts offered under the prompt box (plain requests).
         chat_template: wrap each prompt as a user message with the tokenizer's chat template.
-        top_k: candidates valued per step.
+        top_k: the most candidates valued per step.
+        top_p: value only the smallest leading set of the top-k holding this much base probability (1: all k).
     """
 
     base: object
@@ -61,6 +62,7 @@ class AppParts:
     examples: list[str] = field(default_factory=list)
     chat_template: bool = False
     top_k: int = 20
+    top_p: float = DEFAULT_TOP_P
     base_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)  # base outputs by request
     cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -69,10 +71,10 @@ class AppParts:
         return self.bank.heads
 
 
-def as_parts(world, top_k: int = 20) -> AppParts:
-    """`AppParts` from itself, or from any world that builds its own with `world.app_parts(top_k=...)`
+def as_parts(world, top_k: int = 20, top_p: float = DEFAULT_TOP_P) -> AppParts:
+    """`AppParts` from itself, or from any world that builds its own with `world.app_parts(top_k=..., top_p=...)`
     (the demo's `DemoWorld` does)."""
-    return world if isinstance(world, AppParts) else world.app_parts(top_k=top_k)
+    return world if isinstance(world, AppParts) else world.app_parts(top_k=top_k, top_p=top_p)
 
 
 # ------------------------------------------------------------------------------------------- mixes
@@ -240,8 +242,9 @@ def score_outputs(rewards: Mapping[str, Callable], prompt: str, texts: list[str]
 def _stream(parts: AppParts, request: MixRequest, weights: Mapping[str, float]):
     if isinstance(parts.bank, ServedModel):
         return parts.bank.generate([request.prompt], weights, max_new_tokens=request.max_new_tokens, seed=request.seed,
-                                   top_k=parts.top_k, chat_template=parts.chat_template, stream=True)
-    mixer = Mixer(parts.bank, weights, top_k=parts.top_k, tokenizer=parts.tokenizer)  # one per request
+                                   top_k=parts.top_k, top_p=parts.top_p, chat_template=parts.chat_template,
+                                   stream=True)
+    mixer = Mixer(parts.bank, weights, top_k=parts.top_k, top_p=parts.top_p, tokenizer=parts.tokenizer)  # per request
     return generate(parts.base, parts.tokenizer, [request.prompt], mixer, max_new_tokens=request.max_new_tokens,
                     seed=request.seed, chat_template=parts.chat_template, stream=True)
 
@@ -252,7 +255,7 @@ def run_mix(parts: AppParts, request: MixRequest) -> Iterator[Partial]:
     Yields `Partial` texts as they grow; the last one holds the `Outcome` (texts, rewards, KL).
     The base reply of a (prompt, length, seed) is cached, so moving a slider only decodes the mix.
     """
-    key = (request.prompt, request.max_new_tokens, request.seed, parts.top_k)
+    key = (request.prompt, request.max_new_tokens, request.seed, parts.top_k, parts.top_p)
     with parts.cache_lock:
         cached = parts.base_cache.get(key)
     streams = [None if cached else _stream(parts, request, {}), _stream(parts, request, request.weights)]
@@ -367,13 +370,14 @@ def explain_step(parts: AppParts, outcome: Outcome, step: int) -> list[dict]:
     prefix = prefix.to(parts.base.device)
     scores = parts.base(input_ids=prefix, attention_mask=torch.ones_like(prefix)).logits[:, -1].float()
     weights = outcome.request.weights
-    mixer = Mixer(parts.bank, weights, top_k=parts.top_k, tokenizer=parts.tokenizer)
-    candidates, base_logits, values = mixer.candidate_values(prefix, scores)
+    mixer = Mixer(parts.bank, weights, top_k=parts.top_k, top_p=parts.top_p, tokenizer=parts.tokenizer)
+    candidates, base_logits, in_set, values = mixer.candidate_values(prefix, scores)
     final = mixer(prefix, scores).gather(-1, candidates)[0]
     contributions = {h: torch.zeros_like(base_logits[0]) for h in parts.heads}
     if values is not None:
-        contributions.update(zip(mixer.active_heads, mixer.contributions(values)[:, 0]))
-    p_base, p_mixed = torch.softmax(base_logits[0], -1), torch.softmax(final, -1)
+        contributions.update(zip(mixer.active_heads, mixer.contributions(values, in_set)[:, 0]))
+    p_base = torch.softmax(mixer.reference(scores).gather(-1, candidates)[0], -1)
+    p_mixed = torch.softmax(final, -1)
     rows = []
     for rank, token in enumerate(candidates[0].tolist()):
         rows.append({"rank": rank + 1, "token": token_label(parts.tokenizer, token), "token_id": token,

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from valuemix.commands import ModelArgs, Subcommand, load_models
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.options import make_parser, parse
 
 
@@ -25,7 +26,9 @@ class GenerateArgs:
     prompts: str | None = field(default=None, metadata={"metavar": "FILE",
         "help": "a prompts file (.txt, .jsonl, .json), replied to after the --prompt ones"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest reply, in tokens"})
-    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    top_k: int = field(default=20, metadata={"help": "the most candidates valued per step"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={
+        "help": "value only the smallest leading set of the top-k holding this much base probability (1: all k)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     seed: int = field(default=0, metadata={"help": "sampling seed; the same seed gives the same replies"})
     json: bool = field(default=False, metadata={"help": "print one JSON object per reply instead of text"})
@@ -61,7 +64,7 @@ def generate_main(argv=None) -> list[dict]:
         raise ValueError("No prompts: give --prompt TEXT (several: --prompt A B) or --prompts FILE.")
     weights = parse_mix(args.mix)
     base, tokenizer, bank = load_models(models)
-    mixer = Mixer(bank, weights, top_k=args.top_k, tokenizer=tokenizer)
+    mixer = Mixer(bank, weights, top_k=args.top_k, top_p=args.top_p, tokenizer=tokenizer)
     out = generate(base, tokenizer, prompts, mixer, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, seed=args.seed, chat_template=models.chat_template)
     rows = [{"prompt": p, "reply": t, "kl": kl} for p, t, kl in zip(prompts, out.texts, out.kl)]

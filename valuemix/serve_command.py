@@ -1,7 +1,7 @@
 """`valuemix serve`: vLLM's OpenAI-compatible server with value mixing, a mix per request.
 
     valuemix serve --base HuggingFaceTB/SmolLM2-135M-Instruct --heads runs/heads/concise alice/vm-polite
-    valuemix serve --demo -- --dtype float32 --gpu-memory-utilization 0.2     # flags after -- go to `vllm serve`
+    valuemix serve --demo -- --dtype float32 --kv-cache-memory-bytes 1073741824   # flags after -- go to vLLM
 
 Runs vLLM's OpenAI-compatible server (what `vllm serve` runs) with the heads and
 `valuemix.compose.vllm_processor.ValuemixLogitsProcessor`, on http://127.0.0.1:8000 (--host 0.0.0.0 to
@@ -38,6 +38,8 @@ class ServedModels:
     num_layers: int | None = field(default=None, metadata={
         "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step unless a request asks otherwise"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "the nucleus inside the top-k unless a request asks otherwise (1: all top-k candidates)"})
     demo: bool = field(default=False, metadata={
         "help": "serve the demo world: SmolLM2-135M-Instruct (offline) with the five shipped heads"})
 
@@ -60,7 +62,7 @@ def vllm_command(models: ServedModels, address: ServerAddress, vllm_flags: list[
     from valuemix.heads.files import read_head_config
 
     try:
-        from valuemix.compose.vllm_processor import ENV_BACKBONE, ENV_HEADS, ENV_NUM_LAYERS, ENV_TOP_K
+        from valuemix.compose.vllm_processor import ENV_BACKBONE, ENV_HEADS, ENV_NUM_LAYERS, ENV_TOP_K, ENV_TOP_P
     except ImportError as err:
         raise ImportError(f"valuemix serve runs vLLM, which is not installed ({err}): {VLLM_INSTALL}") from err
     name = []
@@ -82,7 +84,7 @@ def vllm_command(models: ServedModels, address: ServerAddress, vllm_flags: list[
         read_head_config(head)  # a missing or broken head fails here, not in vLLM's engine process
     base = absolute_if_folder(models.base)
     env = {ENV_BACKBONE: absolute_if_folder(models.backbone or models.base), ENV_HEADS: ",".join(heads),
-           ENV_TOP_K: str(models.top_k)}
+           ENV_TOP_K: str(models.top_k), ENV_TOP_P: str(models.top_p)}
     if models.num_layers:
         env[ENV_NUM_LAYERS] = str(models.num_layers)
     # vLLM's OpenAI server module; `vllm serve` runs the same, but its CLI reads the version of a distribution

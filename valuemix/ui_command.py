@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.commands import ModelArgs, Subcommand, absolute_if_folder, load_models
 from valuemix.options import make_parser, parse
 
@@ -43,7 +44,9 @@ class UiArgs:
         "help": "a prompts file (.txt, .jsonl, .json) whose prompts are offered as examples"})
     max_new_tokens: int = field(default=64, metadata={
         "help": "the length slider's starting value (requests may ask up to 256)"})
-    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    top_k: int = field(default=20, metadata={"help": "the most candidates valued per step"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={
+        "help": "value only the smallest leading set of the top-k holding this much base probability (1: all k)"})
     server: str | None = field(default=None, metadata={"metavar": "URL",
         "help": "generate on this `valuemix serve` server (started with the same --heads); the app then loads "
                 "only --base's tokenizer and the heads' configs, and needs no --backbone"})
@@ -65,11 +68,12 @@ def make_ui_parser():
                        UiArgs, ServeArgs)
 
 
-def serve(world, args: ServeArgs, max_new_tokens: int, top_k: int):
+def serve(world, args: ServeArgs, max_new_tokens: int, top_k: int, top_p: float):
     """Build the app for `world` and serve it until interrupted."""
     from valuemix.ui.app import build_app, launch
 
-    app = build_app(world, concurrency_limit=args.concurrency, max_new_tokens=max_new_tokens, top_k=top_k)
+    app = build_app(world, concurrency_limit=args.concurrency, max_new_tokens=max_new_tokens, top_k=top_k,
+                    top_p=top_p)
     print(f"valuemix: serving the slider app on http://{args.host}:{args.port} (Ctrl+C to stop)")
     return launch(app, host=args.host, port=args.port, share=args.share)
 
@@ -97,8 +101,8 @@ def ui_main(argv=None):
         name, fn, _ = parse_reward(text, tokenizer=lambda: tokenizer, device=models.device)
         rewards[name] = fn
     parts = AppParts(base, tokenizer, bank, rewards, examples=examples, chat_template=models.chat_template,
-                     top_k=args.top_k)
-    return serve(parts, serving, args.max_new_tokens, args.top_k)
+                     top_k=args.top_k, top_p=args.top_p)
+    return serve(parts, serving, args.max_new_tokens, args.top_k, args.top_p)
 
 
 ui = Subcommand(make_ui_parser, ui_main)

@@ -42,6 +42,44 @@ def test_kl_is_the_sum_of_step_kls_of_the_sampled_path(tok):
     assert out.kl[0] > 0
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_kl_is_the_sum_of_step_kls_over_variable_sets(tok, top_p):
+    """With adaptive sets (sizes changing by row and step), the loop's KL is the brute-force KL of softmax over
+    the mixed set against the base truncated to the same set, summed along the sampled path."""
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    sharpen = lambda ids, scores: scores * 40.0  # noqa: E731  (a confident base: sets of 1 to k tokens)
+    mixer = vm.Mixer(bank, {"helpful": 2.0}, top_k=6, top_p=top_p)
+    out = vm.generate(base, tok, PROMPTS, mixer, max_new_tokens=8, seed=1, logits_processors=[sharpen])
+    for row, prompt in enumerate(PROMPTS):
+        ids = tok([prompt], return_tensors="pt").input_ids
+        total, sizes = 0.0, set()
+        for token in out.token_ids[row]:
+            scores = sharpen(ids, base(ids).logits[:, -1].float())
+            top = scores.topk(6).values[0]
+            probs = torch.softmax(scores[0], -1).sort(descending=True).values
+            size = 6 if top_p == 1 else min(6, int((probs.cumsum(0) < top_p).sum()) + 1)
+            sizes.add(size)
+            values = bank.values(torch.cat([ids.repeat(size, 1), scores.topk(size).indices.T], 1), heads=["helpful"])
+            values = values[0, :, -1]
+            mixed = top[:size] + 2.0 * (values - values.mean())
+            p, q = torch.log_softmax(mixed, -1), torch.log_softmax(top[:size], -1)
+            total += float((p.exp() * (p - q)).sum())
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert out.kl[row] == pytest.approx(total, rel=1e-3, abs=1e-5)
+        assert top_p == 1 or len(sizes) > 1
+
+
+def test_zero_coefficients_with_adaptive_sets_sample_the_truncated_base(tok):
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    sharpen = lambda ids, scores: scores * 40.0  # noqa: E731
+    mixer = vm.Mixer(bank, {"helpful": 0.0}, top_k=6, top_p=0.7)
+    mixed = vm.generate(base, tok, PROMPTS, mixer, max_new_tokens=10, seed=3, logits_processors=[sharpen])
+    reference = lambda ids, scores: mixer.reference(scores)  # noqa: E731
+    plain = vm.generate(base, tok, PROMPTS, None, max_new_tokens=10, seed=3, logits_processors=[sharpen, reference])
+    assert mixed.token_ids == plain.token_ids
+    assert mixed.kl == [0.0, 0.0]
+
+
 def test_streamed_pieces_add_up_to_the_texts(tok):
     base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
     mixer = vm.Mixer(bank, {"helpful": 1.0}, top_k=8)

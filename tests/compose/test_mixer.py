@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_mix, brute_force_values, build_model, build_tokenizer, make_bank
+from conftest import (Recorder, assert_same_mix, build_model, build_tokenizer, expected_scores, make_bank,
+                      nucleus_sizes, run_generate)
 from transformers import LogitsProcessor, TopKLogitsWarper
 
 import valuemix as vm
@@ -12,36 +13,6 @@ from valuemix.compose.candidates import VALUE_ATOL
 from valuemix.heads.tokens import real_token_mask
 
 PROMPTS = ["hello world", "the cat sat on the mat and the dog"]  # different lengths: left padding
-
-
-class Recorder(LogitsProcessor):
-    """Wraps the mixer inside `generate` and keeps (input_ids, scores in, scores out) of every call."""
-
-    def __init__(self, mixer):
-        self.mixer, self.calls = mixer, []
-
-    def __call__(self, input_ids, scores):
-        out = self.mixer(input_ids, scores)
-        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
-        return out
-
-
-def run_generate(base, tokenizer, processor, new_tokens=6, seed=0):
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    torch.manual_seed(seed)
-    return base.generate(**enc, logits_processor=[processor], do_sample=True, max_new_tokens=new_tokens,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id)
-
-
-def expected_scores(bank, input_ids, scores, weights, top_k):
-    """β·(V − mean V) added to the base top-k by brute force; -inf elsewhere."""
-    top, candidates = scores.topk(top_k, dim=-1)
-    heads = list(weights)
-    values = brute_force_values(bank, input_ids, real_token_mask(input_ids, bank.tokenizer.pad_token_id),
-                                candidates, heads)
-    beta = torch.tensor([weights[h] for h in heads])
-    bonus = torch.einsum("h,hbk->bk", beta, values - values.mean(-1, keepdim=True))
-    return torch.full_like(scores, -math.inf).scatter(-1, candidates, top + bonus)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +48,65 @@ def test_added_logits_equal_brute_force_inside_generate(tok, family):
     assert len(recorder.calls) == 5
     for input_ids, scores, out in recorder.calls:
         assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 6))
+
+
+class Sharpen(LogitsProcessor):
+    """Scales the scores so that a random tiny model is as confident as an instruction model on some steps."""
+
+    def __call__(self, input_ids, scores):
+        return scores * 40.0
+
+
+def test_adaptive_sets_equal_brute_force_with_sizes_that_differ_by_row_and_step(tok):
+    """top_p: each row's candidates are its own nucleus inside the top-k; values and the mean over the set
+    are the brute-force ones, at every step of a real generate, with left padding."""
+    base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
+    weights = {"helpful": 1.5, "concise": -0.7}
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=6, top_p=0.8))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    base.generate(**enc, logits_processor=[Sharpen(), recorder], do_sample=True, max_new_tokens=12, top_k=None,
+                  pad_token_id=tok.pad_token_id)
+    sizes = [nucleus_sizes(scores, 6, 0.8) for _, scores, _ in recorder.calls]
+    assert any(len(set(step)) > 1 for step in sizes)  # rows of one step differ
+    assert {1, 2, 3} <= {s for step in sizes for s in step}  # singletons and sets of several sizes
+    for (input_ids, scores, out), step in zip(recorder.calls, sizes):
+        assert torch.isfinite(out).sum(-1).tolist() == step
+        assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 6, top_p=0.8))
+
+
+def test_steps_where_every_set_is_one_token_run_no_value_forward(tok, monkeypatch):
+    """A confident step values nothing; its token reaches the value cache with the next step that values."""
+    bank = make_bank(tok)
+    bank.tree_masks_ok = True  # as the first scoring finds for Llama (its check runs extra forwards)
+    weights = {"helpful": 2.0}
+    mixer = vm.Mixer(bank, weights, top_k=5, top_p=0.9)
+    fed = []
+    original = bank.forward_hidden
+    monkeypatch.setattr(bank, "forward_hidden", lambda ids, *args, **kw: fed.append(ids.shape) or original(ids, *args,
+                                                                                                            **kw))
+    confident, unsure = torch.zeros(2, len(tok)), torch.zeros(2, len(tok))
+    confident[:, 11] = 30.0  # one token holds all but e^-30 of the mass in both rows
+    unsure[1, 11] = 30.0  # row 0 is flat (5 candidates), row 1 still a single token
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    steps = [(ids, unsure), (torch.cat([ids, torch.tensor([[11], [11]])], 1), confident),
+             (torch.cat([ids, torch.tensor([[11, 11], [11, 11]])], 1), unsure)]
+    outs = [mixer(step_ids, scores) for step_ids, scores in steps]
+    assert fed == [(2, 3 + 5), (2, 2 + 5)]  # nothing at the confident step; then its token and the new one
+    assert torch.equal(outs[1], mixer.reference(confident)) and torch.isfinite(outs[1]).sum().item() == 2
+    for (step_ids, scores), out in zip(steps, outs):
+        assert torch.isfinite(out).sum(-1).tolist() == nucleus_sizes(scores, 5, 0.9)
+        assert_same_mix(out, expected_scores(bank, step_ids, scores, weights, 5, top_p=0.9))
+
+
+def test_top_p_one_is_plain_top_k(tok):
+    bank = make_bank(tok)
+    scores = torch.zeros(2, len(tok))
+    scores[:, 3] = 200.0  # float32 rounds this token's probability to exactly 1
+    ids = torch.tensor([[5, 6], [7, 8]])
+    assert torch.equal(vm.Mixer(bank, {"helpful": 1.0}, top_k=4, top_p=1.0)(ids, scores),
+                       vm.Mixer(bank, {"helpful": 1.0}, top_k=4)(ids, scores))
+    assert torch.isfinite(vm.Mixer(bank, {}, top_k=4, top_p=1.0)(ids, scores)).sum().item() == 8
 
 
 def test_cold_call_equals_warm_call(tok):
@@ -143,6 +173,12 @@ def test_set_weights_changes_the_mix_without_reloading(tok):
 def test_bad_weights_get_a_clear_error(tok, weights, top_k, error, message):
     with pytest.raises(error, match=message):
         vm.Mixer(make_bank(tok), weights, top_k=top_k)
+
+
+@pytest.mark.parametrize("top_p", [0, 1.5, float("nan"), "0.9", True])
+def test_bad_top_p_gets_a_clear_error(tok, top_p):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\] \(got .*\): 1.0 values all top_k"):
+        vm.Mixer(make_bank(tok), {}, top_p=top_p)
 
 
 def test_tokenizer_mismatch_is_refused(tok):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -35,8 +36,9 @@ def chat(tokenizer, request):
                                          add_generation_prompt=True)
 
 
-# CPU-sized: on a CPU, gpu_memory_utilization is the share of RAM vLLM may use, weights and KV cache (here 2.4 GiB)
-ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.1)
+# CPU-sized: a fixed KV cache (256 MiB), not gpu_memory_utilization, which on a CPU is a share of the NUMA node's
+# RAM minus the worker's own memory, and fails on a machine whose node reports little RAM (10 GiB: 0.1 is refused)
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=2**28)
 HEADS = ("cheerful", "concise")
 # vLLM's raw logits of one prefix computed in a decode step or in a prefill differ by float rounding; the values
 # added on top agree within VALUE_ATOL, so the mixed logits agree within their sum.
@@ -68,8 +70,9 @@ def engine(served):
     mp.undo()
 
 
-def params(mix=None, seed=3, tokens=16, temperature=1.0, top_k=None, **kwargs):
-    extra = None if mix is None else {"valuemix": mix} | ({} if top_k is None else {"valuemix_top_k": top_k})
+def params(mix=None, seed=3, tokens=16, temperature=1.0, top_k=None, top_p=None, **kwargs):
+    extra = None if mix is None else ({"valuemix": mix} | ({} if top_k is None else {"valuemix_top_k": top_k})
+                                      | ({} if top_p is None else {"valuemix_top_p": top_p}))
     return vllm.SamplingParams(max_tokens=tokens, temperature=temperature, seed=seed, extra_args=extra, **kwargs)
 
 
@@ -97,34 +100,48 @@ def test_concurrent_requests_with_different_mixes_each_equal_the_request_alone(e
     llm, prompts = engine
     mixes = [None, {"cheerful": 3.0}, {"concise": 4.0}, {"cheerful": 2.0, "concise": -2.0}] * 2
     top_ks = [None] * 6 + [5, 40]  # two requests with their own candidate counts beside the default 20
-    together = token_ids(llm.generate(prompts * 2, [params(m, seed=10 + i, top_k=k)
-                                                    for i, (m, k) in enumerate(zip(mixes, top_ks))]))
-    alone = [token_ids(llm.generate([p], params(m, seed=10 + i, top_k=k)))[0]
-             for i, (p, m, k) in enumerate(zip(prompts * 2, mixes, top_ks))]
+    top_ps = [None] * 4 + [0.7, 0.5, None, 0.9]  # and three with adaptive sets (steps where some value nothing)
+    together = token_ids(llm.generate(prompts * 2, [params(m, seed=10 + i, top_k=k, top_p=q)
+                                                    for i, (m, k, q) in enumerate(zip(mixes, top_ks, top_ps))]))
+    alone = [token_ids(llm.generate([p], params(m, seed=10 + i, top_k=k, top_p=q)))[0]
+             for i, (p, m, k, q) in enumerate(zip(prompts * 2, mixes, top_ks, top_ps))]
     assert together == alone
 
 
-def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine, served):
-    """Each step's logits after the processor equal `Mixer` called cold on that prefix and vLLM's plain logits."""
+@pytest.mark.parametrize("top_p", [None, 0.8])
+def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine, served, top_p):
+    """Each step's logits after the processor equal `Mixer` called cold on that prefix and vLLM's plain logits;
+    with top_p, on their nucleus (normalised over the whole vocabulary by the same model run here)."""
     llm, prompts = engine
     folder, _, _ = served
     weights = {"cheerful": 2.0, "concise": -1.5}
     bank = vm.ValueBank(folder, num_layers=BACKBONE_LAYERS)
     bank.load_head([str(HEADS_DIR / h) for h in HEADS])
-    mixer = vm.Mixer(bank, weights, top_k=20)
-    out = llm.generate(prompts[:2], params(weights, tokens=5, temperature=0.0, logprobs=20))
+    out = llm.generate(prompts[:2], params(weights, tokens=5, temperature=0.0, logprobs=20, top_p=top_p))
+    base, _ = load_smollm2()
+    sizes = []
     for request in out:
         prompt, steps = list(request.prompt_token_ids), request.outputs[0]
         for t, mixed in enumerate(steps.logprobs):
             prefix = prompt + list(steps.token_ids[:t])
             plain = llm.generate({"prompt_token_ids": prefix}, params(tokens=1, temperature=0.0, logprobs=20))
             raw = plain[0].outputs[0].logprobs[0]
+            ranked = sorted(raw, key=lambda token: -raw[token].logprob)[:20]  # processed_logits: these are logits
+            kept = ranked
+            if top_p is not None:
+                with torch.inference_mode():
+                    normaliser = torch.logsumexp(base(torch.tensor([prefix])).logits[0, -1].float(), -1)
+                mass = (torch.tensor([raw[token].logprob for token in ranked]) - normaliser).exp().cumsum(0)
+                kept = ranked[:1 + int((mass[:-1] < top_p).sum())]  # the nucleus: the mass before < top_p
+            sizes.append(len(kept))
             scores = torch.full((1, len(bank.tokenizer)), -torch.inf)
-            scores[0, list(raw)] = torch.tensor([p.logprob for p in raw.values()])
-            expected = mixer(torch.tensor([prefix]), scores)[0]
-            assert set(mixed) == set(raw), f"step {t}: another candidate set"
-            got = torch.tensor([mixed[token].logprob for token in raw])
-            torch.testing.assert_close(got, expected[list(raw)], atol=LOGIT_ATOL, rtol=0)
+            scores[0, kept] = torch.tensor([raw[token].logprob for token in kept])
+            expected = vm.Mixer(bank, weights, top_k=len(kept))(torch.tensor([prefix]), scores)[0]  # the mean: of the set
+            finite = {token for token, p in mixed.items() if math.isfinite(p.logprob)}
+            assert finite == set(kept), f"step {t}: another candidate set"
+            got = torch.tensor([mixed[token].logprob for token in kept])
+            torch.testing.assert_close(got, expected[kept], atol=LOGIT_ATOL, rtol=0)
+    assert top_p is None or min(sizes) < 20 and max(sizes) > 1  # the sets did adapt
 
 
 def finished_tokens(llm, requests: dict, join: dict, abort: set, join_at: int = 3) -> dict:
@@ -170,17 +187,18 @@ def test_valuemix_serve_refuses_missing_models_before_starting_vllm(argv, messag
     assert message in str(refused.value)
 
 
-@pytest.mark.parametrize("mix, message", [
-    ({"nope": 1.0}, "Unknown head 'nope'. Heads on this server: cheerful, concise."),
-    ({"cheerful": float("nan")}, "Coefficient for head 'cheerful' must be a finite number, got nan."),
-    ({"cheerful": 50.0}, "Coefficient 50.0 for head 'cheerful' is outside its range"),
-    ("{not json", '"valuemix" is not valid JSON'),
-    ([1, 2], '"valuemix" must be an object of head -> coefficient, got list'),
+@pytest.mark.parametrize("mix, top_p, message", [
+    ({"nope": 1.0}, None, "Unknown head 'nope'. Heads on this server: cheerful, concise."),
+    ({"cheerful": float("nan")}, None, "Coefficient for head 'cheerful' must be a finite number, got nan."),
+    ({"cheerful": 50.0}, None, "Coefficient 50.0 for head 'cheerful' is outside its range"),
+    ("{not json", None, '"valuemix" is not valid JSON'),
+    ([1, 2], None, '"valuemix" must be an object of head -> coefficient, got list'),
+    ({"cheerful": 1.0}, 1.5, '"valuemix_top_p": top_p must be a number in (0, 1] (got 1.5)'),
 ])
-def test_a_bad_mix_is_refused_with_the_mixers_message_and_the_engine_keeps_serving(engine, mix, message):
+def test_a_bad_mix_is_refused_with_the_mixers_message_and_the_engine_keeps_serving(engine, mix, top_p, message):
     llm, prompts = engine
     with pytest.raises(Exception) as refused:  # vLLM's VLLMValidationError (HTTP 400 from the server)
-        llm.generate(prompts[:1], params(mix))
+        llm.generate(prompts[:1], params(mix, top_p=top_p))
     assert message in str(refused.value)
     assert token_ids(llm.generate(prompts[:1], params())) == token_ids(llm.generate(prompts[:1], params()))
 
@@ -204,7 +222,7 @@ def server(served, tmp_path_factory):
     command = [sys.executable, "-m", "valuemix.cli", "serve", "--base", folder,
                "--heads", *(str(HEADS_DIR / h) for h in HEADS), "--num-layers", str(BACKBONE_LAYERS),
                "--port", str(port), "--", "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
-               "--enforce-eager", "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"])]
+               "--enforce-eager", "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"])]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -245,17 +263,19 @@ def served_model(served, server):
     return ServedModel(server[0], [str(HEADS_DIR / h) for h in HEADS], tokenizer)
 
 
-def test_a_served_mix_reports_the_exact_kl_from_the_base_along_its_reply(served, served_model):
-    """ServedModel's KL equals Σ_t KL(Mixer ‖ base top-k), computed here with the same model on its prefixes."""
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_a_served_mix_reports_the_exact_kl_from_the_base_along_its_reply(served, served_model, top_p):
+    """ServedModel's KL equals Σ_t KL(Mixer ‖ base top-k, or its nucleus), computed here with the same model."""
     folder, tokenizer, _ = served
     weights = {"cheerful": 3.0, "concise": -2.0}
-    out = served_model.generate([PROMPTS[0]], weights, max_new_tokens=12, seed=5, chat_template=True)
-    plain = served_model.generate([PROMPTS[0]], {"cheerful": 0.0}, max_new_tokens=12, seed=5, chat_template=True)
+    out = served_model.generate([PROMPTS[0]], weights, max_new_tokens=12, seed=5, chat_template=True, top_p=top_p)
+    plain = served_model.generate([PROMPTS[0]], {"cheerful": 0.0}, max_new_tokens=12, seed=5, chat_template=True,
+                                  top_p=top_p)
     assert plain.kl == [0.0] and out.texts[0] and out.texts[0] != plain.texts[0]
     base, _ = load_smollm2()
     bank = vm.ValueBank(folder, num_layers=BACKBONE_LAYERS)
     bank.load_head([str(HEADS_DIR / h) for h in HEADS])
-    mixer = vm.Mixer(bank, weights, top_k=20)
+    mixer = vm.Mixer(bank, weights, top_k=20, top_p=top_p)
     prompt = tokenizer(chat(tokenizer, PROMPTS[0]), add_special_tokens=False).input_ids
     expected = 0.0
     with torch.inference_mode():

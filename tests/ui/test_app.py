@@ -202,14 +202,14 @@ def test_valuemix_ui_loads_folders_and_serves_on_localhost(tmp_path, monkeypatch
     bank.add_head("polite")
     bank.save_head("polite", tmp_path / "polite")
     served = {}
-    monkeypatch.setattr("valuemix.ui_command.serve", lambda world, args, max_new_tokens, top_k: served.update(
-                        world=world, args=args, max_new_tokens=max_new_tokens, top_k=top_k))
-    assert cli(["ui", "--base", str(tmp_path / "base"), "--backbone", str(tmp_path / "backbone"),
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda world, args, max_new_tokens, top_k, top_p: served.update(
+                        world=world, args=args, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p))
+    assert cli(["ui", "--base", str(tmp_path / "base"), "--backbone", str(tmp_path / "backbone"), "--top-p", "0.8",
                 "--heads", str(tmp_path / "polite"), "--reward", "short=brevity", "vowels=regex:[aeiou]:count"]) == 0
     world, args = served["world"], served["args"]
     assert world.bank.heads == ["polite"] and list(world.rewards) == ["short", "vowels"]
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
-    assert (served["max_new_tokens"], served["top_k"]) == (64, 20)
+    assert (served["max_new_tokens"], served["top_k"], served["top_p"], world.top_p) == (64, 20, 0.8, 0.8)
     build_app(world).close()
 
 
@@ -219,7 +219,7 @@ def test_valuemix_demo_serves_the_app_by_default(monkeypatch):
     world = object()
     served = {}
     monkeypatch.setattr(valuemix.demo, "load_demo", lambda: world)
-    monkeypatch.setattr("valuemix.ui_command.serve", lambda w, args, max_new_tokens, top_k: served.update(
+    monkeypatch.setattr("valuemix.ui_command.serve", lambda w, args, max_new_tokens, top_k, top_p: served.update(
                         world=w, args=args, max_new_tokens=max_new_tokens))
     assert cli(["demo", "--port", "7861", "--max-new-tokens", "32"]) == 0
     assert served["world"] is world

@@ -261,6 +261,7 @@ def test_a_world_becomes_app_parts_through_its_own_method(parts):
 
     from valuemix.ui.logic import as_parts
 
-    world = SimpleNamespace(app_parts=lambda top_k: AppParts(parts.base, parts.tokenizer, parts.bank, top_k=top_k))
-    assert as_parts(world, top_k=7).top_k == 7
+    world = SimpleNamespace(app_parts=lambda top_k, top_p: AppParts(parts.base, parts.tokenizer, parts.bank,
+                                                                     top_k=top_k, top_p=top_p))
+    assert (as_parts(world, top_k=7, top_p=0.8).top_k, as_parts(world, top_k=7, top_p=0.8).top_p) == (7, 0.8)
     assert as_parts(parts) is parts

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.heads.bank import ValueBank
 from valuemix.demo.prompts import HELD_OUT_PROMPTS
 from valuemix.demo.rewards import demo_rewards
@@ -41,12 +42,12 @@ class DemoWorld:
     rewards: dict
     prompts: list[str]
 
-    def app_parts(self, top_k: int = 20):
+    def app_parts(self, top_k: int = 20, top_p: float = DEFAULT_TOP_P):
         """What the slider app steers: this world, with the plain held-out requests as examples."""
         from valuemix.ui.logic import AppParts
 
         return AppParts(self.base, self.tokenizer, self.bank, dict(self.rewards), examples=list(self.prompts),
-                        chat_template=True, top_k=top_k)
+                        chat_template=True, top_k=top_k, top_p=top_p)
 
 
 def demo_backbone(base, tokenizer, n_layers: int = BACKBONE_LAYERS) -> ValueBank:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from valuemix.commands import Subcommand
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.options import make_parser, parse
 from valuemix.ui_command import ServeArgs
 
@@ -26,7 +27,9 @@ class DemoArgs:
     prompts: int = field(default=3, metadata={"help": "how many held-out prompts the table shows"})
     max_new_tokens: int = field(default=48, metadata={
         "help": "longest reply, in tokens (in the app: the length slider's starting value)"})
-    top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    top_k: int = field(default=20, metadata={"help": "the most candidates valued per step"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={
+        "help": "value only the smallest leading set of the top-k holding this much base probability (1: all k)"})
     seed: int = field(default=0, metadata={
         "help": "sampling seed of the table (the same for every mix, so replies differ only by the mix)"})
 
@@ -48,7 +51,7 @@ def demo_main(argv=None) -> list[dict] | None:
         require_gradio()  # before loading the models
     except ImportError as err:
         raise ImportError(f"{err} (or run `valuemix demo --no-ui` for the table of replies).") from err
-    serve(load_demo(), serving, args.max_new_tokens, args.top_k)
+    serve(load_demo(), serving, args.max_new_tokens, args.top_k, args.top_p)
     return None
 
 
@@ -58,7 +61,7 @@ def print_table(world, args: DemoArgs) -> list[dict]:
 
     prompts = world.prompts[:args.prompts]
     sampling = EvalConfig(samples_per_prompt=1, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                          seed=args.seed, chat_template=True)
+                          top_p=args.top_p, seed=args.seed, chat_template=True)
     rows = []
     for mix in MIXES:
         measured = measure_mix(world.base, world.tokenizer, world.bank, prompts, mix, world.rewards, sampling)
