@@ -14,14 +14,16 @@ way, so the scorer is a pure function of (input_ids, candidates) whatever its ca
 For an architecture that rejects custom masks, candidates are scored by cache expansion instead
 (the prefix cache repeated k times, one candidate per row); which way works is checked once per bank.
 Rows are left padded; a `RowCache` can drop rows and take in another's, so a server can keep one
-cache for requests that come and go (`compose.vllm_processor`).
+cache for requests that come and go (`compose.vllm_processor`). Given each row's sequence, rows of one
+sequence share the layers below their heads' LoRA (shared-trunk heads, `ValueBank.trunk_plan`): the cache
+then holds, at each layer, one row per distinct computation of that layer (`ValueBank.layer_rows`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +43,15 @@ VALUE_ATOL = 1e-4
 class RowCache:
     """The value backbone's KV cache over rows, row i valued by head `row_heads[i]`, each row left padded.
 
-    `real` (rows, length) is 1 where the cached token is real, 0 where it is padding.
+    `real` (rows, length) is 1 where the cached token is real, 0 where it is padding. `row_sequences[i]`
+    (any hashable) names row i's sequence: rows of one sequence must be fed the same tokens, and share the
+    trunk below their heads' LoRA; None: every row its own sequence.
     """
 
-    def __init__(self, bank: ValueBank, row_heads: Sequence[str]):
+    def __init__(self, bank: ValueBank, row_heads: Sequence[str], row_sequences: Sequence[Hashable] | None = None):
         self.bank = bank
         self.row_heads = list(row_heads)
+        self.row_sequences = [object() for _ in self.row_heads] if row_sequences is None else list(row_sequences)
         self.cache = DynamicCache(config=bank.decoder.config)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise ValueError(f"{bank.backbone_id} uses sliding-window attention, which valuemix's value cache does "
@@ -75,19 +80,22 @@ class RowCache:
 
     def select(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), then drop the leading columns that are padding in every row left."""
+        before = self._layer_rows()
         index = torch.tensor(list(rows), dtype=torch.long, device=self.real.device)
         self.row_heads = [self.row_heads[i] for i in rows]
+        self.row_sequences = [self.row_sequences[i] for i in rows]
         self.real = self.real[index]
         first = int(self.real.any(0).long().argmax()) if self.real.any() else self.real.shape[1]
         self.real = self.real[:, first:]
-        for layer in self._filled_layers():
-            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        self._regather(before, self._layer_rows(), first)
 
     def extend(self, other: RowCache) -> None:
-        """Append the rows of `other` (on the same bank), left padding whichever is shorter."""
+        """Append the rows of `other` (on the same bank, other sequences), left padding whichever is shorter."""
         if not len(self) or not self._filled_layers():
-            self.row_heads, self.cache, self.real = other.row_heads, other.cache, other.real
+            self.row_heads, self.row_sequences = other.row_heads, other.row_sequences
+            self.cache, self.real = other.cache, other.real
             return
+        before = [mine + theirs for mine, theirs in zip(self._layer_rows(), other._layer_rows())]
         width = max(self.real.shape[1], other.real.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             for name in ("keys", "values"):
@@ -97,8 +105,21 @@ class RowCache:
         self.real = torch.cat([F.pad(self.real, (width - self.real.shape[1], 0)),
                                F.pad(other.real, (width - other.real.shape[1], 0))])
         self.row_heads = self.row_heads + other.row_heads
+        self.row_sequences = self.row_sequences + other.row_sequences
+        self._regather(before, self._layer_rows(), 0)
 
     # -------------------------------------------------------------- internals
+    def _layer_rows(self) -> list[list[tuple]]:
+        return self.bank.layer_rows(self.row_heads, self.row_sequences)
+
+    def _regather(self, before: list[list[tuple]], after: list[list[tuple]], first: int) -> None:
+        """Re-index each layer's cached rows from the computations `before` to those `after`, from column `first`."""
+        for layer, old, new in zip(self.cache.layers, before, after):
+            if torch.is_tensor(getattr(layer, "keys", None)) and layer.keys.dim() == 4:
+                position = {key: i for i, key in reversed(list(enumerate(old)))}  # the first of duplicates
+                index = torch.tensor([position[key] for key in new], dtype=torch.long, device=layer.keys.device)
+                layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+
     def _filled_layers(self) -> list:
         return [layer for layer in self.cache.layers if torch.is_tensor(getattr(layer, "keys", None))
                 and layer.keys.dim() == 4]
@@ -130,7 +151,8 @@ class RowCache:
     def _score_tree(self, new_tokens, new_real, candidates) -> torch.Tensor:
         k, n_new = candidates.shape[1], new_tokens.shape[1]
         hidden = self.bank.forward_hidden(torch.cat([new_tokens, candidates], dim=1), self._tree_mask(new_real, k),
-                                          self._positions(new_real, k), self.row_heads, cache=self.cache)
+                                          self._positions(new_real, k), self.row_heads, cache=self.cache,
+                                          row_sequences=self.row_sequences)
         self.cache.crop(-k)  # drop the candidates; the sampled one is fed with the next step
         return self.bank.project(hidden[:, n_new:], self.row_heads)
 
@@ -140,13 +162,15 @@ class RowCache:
         full = torch.cat([self.real, new_real], dim=1)
         if new_tokens.shape[1]:
             self.bank.forward_hidden(new_tokens, full, position_ids_from_mask(full)[:, self.real.shape[1]:],
-                                     self.row_heads, cache=self.cache)
+                                     self.row_heads, cache=self.cache, row_sequences=self.row_sequences)
         expanded = copy.deepcopy(self.cache)
-        expanded.batch_repeat_interleave(k)
+        expanded.batch_repeat_interleave(k)  # each layer's rows k times: (computation, candidate) in that order
         mask = torch.cat([full.repeat_interleave(k, 0), torch.ones_like(full[:, :1]).repeat_interleave(k, 0)], 1)
         positions = full.sum(-1).repeat_interleave(k)[:, None]
         row_heads = [h for h in self.row_heads for _ in range(k)]
-        hidden = self.bank.forward_hidden(candidates.reshape(-1, 1), mask, positions, row_heads, cache=expanded)
+        row_sequences = [(s, c) for s in self.row_sequences for c in range(k)]
+        hidden = self.bank.forward_hidden(candidates.reshape(-1, 1), mask, positions, row_heads, cache=expanded,
+                                          row_sequences=row_sequences)
         return self.bank.project(hidden.reshape(rows, k, -1), row_heads[::k])
 
     def _score_checked(self, new_tokens, new_real, candidates) -> torch.Tensor:
@@ -207,5 +231,7 @@ class CandidateScorer:
             n_seen = self.seen.shape[1]
             if input_ids.shape[1] >= n_seen and torch.equal(input_ids[:, :n_seen], self.seen):
                 return input_ids[:, n_seen:]
-        self.rows = RowCache(self.bank, [h for h in self.heads for _ in range(input_ids.shape[0])])
+        batch = input_ids.shape[0]
+        self.rows = RowCache(self.bank, [h for h in self.heads for _ in range(batch)],
+                             [b for _ in self.heads for b in range(batch)])
         return input_ids

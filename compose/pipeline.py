@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from valuemix.compose.evaluate import EvalConfig, Reward, evaluate
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.compose.report import record_in_heads, report_text, write_report
 from valuemix.heads.atomic import atomic_write_text
 from valuemix.heads.bank import ValueBank
@@ -79,6 +80,8 @@ class PipelineConfig:
         "help": "longest completion in tokens, in sampling and in the evaluation"})
     top_k: int = field(default=20, metadata={
         "help": "top-k of the base samples and of the mixer (π_ref is the base truncated to its top-k)"})
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={
+        "help": "the mixer's nucleus inside the top-k in the evaluation (π_ref truncated the same way)"})
     sample_batch_size: int = field(default=64, metadata={"help": "rows sampled together"})
     device: str = field(default="auto", metadata={
         "help": "device of the base, the backbone and the reward models; auto: the first GPU, else the CPU"})
@@ -91,6 +94,8 @@ class PipelineConfig:
     batch_size: int = field(default=32, metadata={"help": "samples per optimisation step"})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the heads' LoRA matrices"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of each head (alpha = 2 r)"})
+    lora_layers: int = field(default=0, metadata={
+        "help": "LoRA on the top N backbone layers only: shared-trunk heads (0: every layer)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the backbone's activations in the backward pass (less memory)"})
     mixed_precision: str | None = field(default="bf16", metadata={"choices": ("no", "bf16", "fp16"),
@@ -171,7 +176,7 @@ def run_pipeline(config: PipelineConfig, task: Callable, name: str = "pipeline")
     folders = {}
     for head, reward in work.heads.items():
         bank.add_head(head, lora={"r": config.lora_r, "lora_alpha": 2 * config.lora_r}, seed=config.seed,
-                      base_model=config.base)
+                      layers=config.lora_layers or None, base_model=config.base)
         metrics = train_head(bank, head, samples, reward=head, config=train,
                              description=getattr(reward, "description", head))
         folders[head] = Path(bank.save_head(head, out / "heads" / head))
@@ -201,7 +206,7 @@ def evaluate_heads(config, base, tokenizer, bank, work: Task, folders: dict, out
     """Sweep each head's β against Best-of-N (and the grid), write report.json + plots, record β ranges."""
     eval_config = EvalConfig(betas=tuple(config.betas), grid_heads=work.grid, grid_betas=work.grid_betas,
                              samples_per_prompt=config.eval_samples_per_prompt, best_of=config.best_of,
-                             max_new_tokens=config.max_new_tokens, top_k=config.top_k,
+                             max_new_tokens=config.max_new_tokens, top_k=config.top_k, top_p=config.top_p,
                              chat_template=config.chat_template, batch_size=config.eval_batch_size, seed=config.seed)
     report = evaluate(base, tokenizer, bank, work.eval_prompts, {**work.heads, **work.measures}, eval_config,
                       heads=list(work.heads),

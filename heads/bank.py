@@ -3,13 +3,22 @@
 A head is a named peft LoRA adapter on the shared backbone plus a scalar value layer
 Linear(hidden, 1), zero-initialised, on the last hidden state. Heads are scored together
 in one forward with peft's mixed-adapter batches (`adapter_names=`): K heads send K×B rows.
+
+A shared-trunk head puts its LoRA on the top layers only (`add_head(..., layers=n)`, peft's
+`layers_to_transform`). Below its first LoRA layer it computes exactly what the bare backbone
+computes, so rows of one sequence share that trunk: `forward_hidden(..., row_sequences=...)` runs
+each layer once per distinct (sequence, head whose LoRA has begun), the trunk once per sequence,
+and copies the trunk's hidden states into each head's rows where its LoRA begins.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -22,8 +31,48 @@ from valuemix.heads.head_config import HeadConfig
 from valuemix.heads.loading import keep_first_layers, load_decoder
 from valuemix.heads.tokens import position_ids_from_mask
 
+logger = logging.getLogger(__name__)
+
 ADAPTER, VALUE = "adapter.", "value."  # key prefixes of a head's tensors in head_state / head_parameters
 DEFAULT_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+TRUNK = "trunk"  # in a row key (sequence, head): the sequence's shared trunk, below its heads' LoRA
+BASE = "__base__"  # peft's adapter name, in a mixed-adapter batch, for a row without adapter
+STACKS = (("layers", "norm"), ("h", "ln_f"))  # (decoder layers, final norm) of Llama/Qwen2-style and GPT-2-style
+
+
+def causal_mask(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4D mask (rows, 1, q, kv) of a 2D padding mask (rows, kv) whose last q tokens are fed:
+    each sees the real tokens up to itself; a pad sees itself only (its output is never used)."""
+    rows, kv = attention_mask.shape
+    past = kv - query_length
+    device = attention_mask.device
+    allowed = torch.ones(query_length, kv, dtype=torch.bool, device=device).tril(past)[None] \
+        & attention_mask.bool()[:, None, :]
+    allowed[:, torch.arange(query_length, device=device), past + torch.arange(query_length, device=device)] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@dataclass
+class TrunkSegment:
+    """A run of decoder layers [start, stop) in which the same rows are computed.
+
+    keys: the rows computed, (sequence, head) or (sequence, TRUNK) for a sequence's shared trunk;
+    rows: for each key, the first input row with it (its tokens, mask and positions are fed);
+    parents: for each key, its row in the previous segment's output (whose hidden states it continues);
+    of_row: for each input row, its key's index; row_keys: each input row's key; index_of: key -> index;
+    heads: the adapter each computed row runs with (for a trunk row, a head whose LoRA has not begun).
+    """
+
+    start: int
+    stop: int
+    keys: list[tuple]
+    rows: torch.Tensor
+    parents: torch.Tensor
+    of_row: torch.Tensor
+    row_keys: list[tuple]
+    index_of: dict
+    heads: list[str]  # the adapter each row computed runs with (for a trunk row, a head not begun in these layers)
 
 
 def few(items, n: int = 3) -> str:
@@ -87,6 +136,8 @@ class ValueBank:
         self.configs: dict[str, HeadConfig] = {}
         self.lock = threading.RLock()  # peft's adapter routing is module state: one forward at a time
         self.tree_masks_ok: bool | None = None  # set by the first candidate scoring
+        self.trunk_sharing_ok: bool | None = None  # set by the first forward that could share a trunk
+        self._plans: dict = {}  # trunk plans by rows (see trunk_plan)
 
     # ------------------------------------------------------------------ heads
     @property
@@ -102,11 +153,18 @@ class ValueBank:
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the value backbone."""
+        return self.decoder.config.num_hidden_layers
+
     def add_head(self, name: str, lora: LoraConfig | dict | None = None, seed: int | None = None,
-                 **metadata) -> HeadConfig:
+                 layers: int | None = None, **metadata) -> HeadConfig:
         """Add a new head: a LoRA adapter (default r=16 on all linear layers) and a zero value layer.
 
         seed: seed of the adapter's random initialisation (default: torch's global random state).
+        layers: put the LoRA on the top `layers` decoder layers only (a shared-trunk head: heads whose LoRA
+            starts at the same layer run the layers below it once for all of them); None: every layer.
         """
         if name in self.value_layers:
             raise ValueError(f"Head '{name}' is already on the bank; remove_head('{name}') first or pick another name.")
@@ -114,6 +172,13 @@ class ValueBank:
             raise ValueError(f"Head name {name!r} is not valid: use letters, digits, '_' or '-' (e.g. 'helpful').")
         lora_config = lora if isinstance(lora, LoraConfig) else LoraConfig(**{**DEFAULT_LORA, **(lora or {})})
         lora_config.base_model_name_or_path = self.backbone_id
+        if layers is not None:
+            if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= self.num_layers:
+                raise ValueError(f"layers={layers!r}: a head's LoRA goes on the top 1 to {self.num_layers} decoder "
+                                 f"layers of this backbone (None: all {self.num_layers}).")
+            lora_config = copy.copy(lora_config)
+            lora_config.layers_to_transform = list(range(self.num_layers - layers, self.num_layers))
+            lora_config.layers_pattern = [stack for stack, _ in STACKS if hasattr(self.decoder, stack)] or None
         with self.lock, torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -126,9 +191,10 @@ class ValueBank:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
             self.value_layers[name] = layer.requires_grad_(False)
+            self._plans.clear()
         config = HeadConfig(name=name, backbone=self.backbone_id, backbone_revision=self.backbone_revision,
                             backbone_layers=self.backbone_layers, backbone_probe=self.probe,
-                            tokenizer_fingerprint=self.fingerprint, **metadata)
+                            tokenizer_fingerprint=self.fingerprint, trunk_layers=self.lora_start(name), **metadata)
         self.configs[name] = config
         return config
 
@@ -142,6 +208,18 @@ class ValueBank:
                 self.model.delete_adapter(name)
             del self.value_layers[name]
             del self.configs[name]
+            self._plans.clear()
+
+    def lora_layers(self, name: str) -> set[int]:
+        """The decoder layers carrying head `name`'s LoRA."""
+        layers = self.model.peft_config[name].layers_to_transform
+        if layers is None:
+            return set(range(self.num_layers))
+        return set(layers) if isinstance(layers, (list, tuple)) else {int(layers)}
+
+    def lora_start(self, name: str) -> int:
+        """The first decoder layer carrying head `name`'s LoRA: the depth of its shared trunk (0: full depth)."""
+        return min(self.lora_layers(name))
 
     def check_heads(self, heads: Sequence[str]) -> list[str]:
         """Validate head names; raise a KeyError listing the bank's heads for an unknown one."""
@@ -164,20 +242,131 @@ class ValueBank:
 
     # ----------------------------------------------------------------- values
     def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                       row_heads: list[str], cache=None) -> torch.Tensor:
+                       row_heads: list[str], cache=None, row_sequences: Sequence[Hashable] | None = None
+                       ) -> torch.Tensor:
         """Run the backbone with head `row_heads[i]` on row i; returns the last hidden states.
 
-        `cache` (a transformers `Cache`) is extended in place by the tokens fed.
+        `cache` (a transformers `Cache`) is extended in place by the tokens fed. `row_sequences[i]` names the
+        sequence of row i (rows of one sequence hold the same tokens, mask and positions): with it, heads share
+        their trunk (see the module docstring), and the cache's layer ℓ holds the rows `layer_rows(...)[ℓ]`.
         """
-        routing = {"adapter_names": row_heads}  # peft's mixed-adapter batch: row i through head row_heads[i]
         with self.lock:
-            if len(set(row_heads)) == 1:  # one head: peft's plain path is ~20% faster than per-row routing
-                if self.model.active_adapter != row_heads[0]:
-                    self.model.set_adapter(row_heads[0], inference_mode=True)
-                routing = {}
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             **with_cache(cache), use_cache=cache is not None, **routing)
+            plan = self.trunk_plan(row_heads, row_sequences)
+            if len(plan) == 1 and len(plan[0].keys) == len(row_heads):  # nothing shared: one plain forward
+                return self._run_layers(input_ids, attention_mask, position_ids, list(row_heads), cache)
+            if attention_mask.dim() == 2:  # a 4D mask, as each later segment cannot tell its past length
+                attention_mask = causal_mask(attention_mask, input_ids.shape[1], self.decoder.dtype)
+            hidden = None
+            for segment in plan:
+                rows = segment.rows.to(input_ids.device)
+                inputs = input_ids[rows] if hidden is None else hidden[segment.parents.to(hidden.device)]
+                routing = self._routing(segment.heads)  # before the cut: an adapter switch must reach every layer
+                with self._only_layers(segment.start, segment.stop):
+                    hidden = self._forward(inputs, attention_mask[rows], position_ids[rows], routing, cache,
+                                           embedded=segment.start > 0)
+            return hidden[plan[-1].of_row.to(hidden.device)]
+
+    def layer_rows(self, row_heads: Sequence[str], row_sequences: Sequence[Hashable] | None) -> list[list[tuple]]:
+        """For each decoder layer, the (sequence, head or TRUNK) rows it computes, in the order of the cache's rows."""
+        return [segment.keys for segment in self.trunk_plan(row_heads, row_sequences)
+                for _ in range(segment.start, segment.stop)]
+
+    def trunk_plan(self, row_heads: Sequence[str], row_sequences: Sequence[Hashable] | None) -> list[TrunkSegment]:
+        """The runs of layers one forward makes for these rows: see `TrunkSegment`. Without `row_sequences`, or
+        where this backbone cannot share a trunk, one segment of every layer with one row per row.
+
+        Plans are kept by rows (decoding asks for the same rows at every step), until a head is added or removed.
+        """
+        key = (tuple(row_heads), None if row_sequences is None else tuple(row_sequences))
+        if key not in self._plans:
+            if len(self._plans) >= 64:  # a server's rows change as requests come and go
+                self._plans.clear()
+            self._plans[key] = self._plan(row_heads, row_sequences)
+        return self._plans[key]
+
+    def _plan(self, row_heads, row_sequences) -> list[TrunkSegment]:
+        starts = {h: self.lora_start(h) for h in set(row_heads)}
+        lora_in = {h: self.lora_layers(h) for h in starts}
+        if row_sequences is None:
+            row_sequences = range(len(row_heads))
+        if not any(starts.values()) or not self._sharing_ok(next(h for h, s in starts.items() if s)):
+            starts = dict.fromkeys(starts, 0)  # every (sequence, head) its own row at every layer
+        bounds = sorted({0, *(s for s in starts.values() if s < self.num_layers)}) + [self.num_layers]
+        plan = []
+        for start, stop in zip(bounds, bounds[1:]):
+            row_keys = [(seq, head if starts[head] <= start else TRUNK) for seq, head in zip(row_sequences, row_heads)]
+            index = {}
+            for row, key in enumerate(row_keys):
+                index.setdefault(key, (len(index), row))
+            keys = list(index)
+            rows = [row for _, row in index.values()]
+            parents = [plan[-1].index_of[plan[-1].row_keys[row]] for row in rows] if plan else []
+            # rows of one adapter run peft's plain path; a trunk row then runs with its own head active, whose LoRA
+            # has not begun in these layers (the bare backbone, without peft's slow disable_adapter); in a mixed
+            # batch it is peft's "__base__" row
+            adapters = [row_heads[row] for row in rows]
+            if len(set(adapters)) > 1:  # peft refuses a name without LoRA in the layers running: BASE computes the same
+                adapters = [BASE if head == TRUNK or not lora_in[head] & set(range(start, stop)) else head
+                            for _, head in keys]
+            plan.append(TrunkSegment(start, stop, keys, torch.tensor(rows), torch.tensor(parents, dtype=torch.long),
+                                     torch.tensor([index[k][0] for k in row_keys]), row_keys,
+                                     {k: i for k, (i, _) in index.items()}, adapters))
+        return plan
+
+    def _run_layers(self, inputs, attention_mask, position_ids, heads, cache):
+        """One forward of every decoder layer with head `heads[i]` on row i."""
+        return self._forward(inputs, attention_mask, position_ids, self._routing(heads), cache)
+
+    def _routing(self, heads: list[str]) -> dict:
+        """The forward's keyword for head `heads[i]` on row i: peft's mixed-adapter batch, or for one head its plain
+        path (~20% faster), that head then active."""
+        if len(set(heads)) > 1:
+            return {"adapter_names": heads}
+        if self.model.active_adapter != heads[0]:
+            self.model.set_adapter(heads[0], inference_mode=True)
+        return {}
+
+    def _forward(self, inputs, attention_mask, position_ids, routing, cache, embedded=False) -> torch.Tensor:
+        feed = {"inputs_embeds": inputs} if embedded else {"input_ids": inputs}
+        out = self.model(**feed, attention_mask=attention_mask, position_ids=position_ids, **with_cache(cache),
+                         use_cache=cache is not None, **routing)
         return out.last_hidden_state
+
+    @contextmanager
+    def _only_layers(self, start: int, stop: int):
+        """Run only decoder layers [start, stop): the final norm only with the last layer."""
+        layers_name, norm_name = next(s for s in STACKS if hasattr(self.decoder, s[0]))
+        layers, norm = getattr(self.decoder, layers_name), getattr(self.decoder, norm_name)
+        setattr(self.decoder, layers_name, nn.ModuleList(layers[start:stop]))
+        if stop < len(layers):
+            setattr(self.decoder, norm_name, nn.Identity())
+        try:
+            yield
+        finally:
+            setattr(self.decoder, layers_name, layers)
+            setattr(self.decoder, norm_name, norm)
+
+    def _sharing_ok(self, head: str) -> bool:
+        """Whether running the trunk, then the upper layers from its hidden states, reproduces one whole forward
+        on this backbone; checked once per bank on a short input (GPT-2 adds positions to embeddings: it cannot)."""
+        if self.trunk_sharing_ok is None:
+            self.trunk_sharing_ok = False
+            if any(hasattr(self.decoder, a) and hasattr(self.decoder, b) for a, b in STACKS):
+                ids = torch.arange(3, 9, device=self.device)[None]
+                mask, positions = torch.ones_like(ids), torch.arange(6, device=self.device)[None]
+                whole = self._run_layers(ids, mask, positions, [head], None)
+                try:
+                    self.trunk_sharing_ok = True
+                    shared = self.forward_hidden(ids, mask, positions, [head], row_sequences=[0])
+                    self.trunk_sharing_ok = torch.allclose(shared, whole, atol=1e-5, rtol=1e-4)
+                except (RuntimeError, ValueError, TypeError) as err:
+                    logger.warning("Shared-trunk forward raised %r", err)
+                    self.trunk_sharing_ok = False
+                self._plans.clear()  # the check's own plan assumed sharing
+            if not self.trunk_sharing_ok:
+                logger.warning("%s cannot run its layers in parts: shared-trunk heads run every layer per head "
+                               "(correct, not faster).", self.backbone_id)
+        return self.trunk_sharing_ok
 
     def project(self, hidden: torch.Tensor, heads: Sequence[str]) -> torch.Tensor:
         """Value layers of `heads` on hidden states (n_heads, ..., hidden) -> (n_heads, ...)."""
@@ -196,10 +385,10 @@ class ValueBank:
             raise ValueError("The bank has no heads: add_head or load_head first.")
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        n = len(heads)
-        row_heads = [h for h in heads for _ in range(input_ids.shape[0])]
+        n, batch = len(heads), input_ids.shape[0]
         hidden = self.forward_hidden(input_ids.repeat(n, 1), attention_mask.repeat(n, 1),
-                                        position_ids_from_mask(attention_mask).repeat(n, 1), row_heads)
+                                     position_ids_from_mask(attention_mask).repeat(n, 1),
+                                     [h for h in heads for _ in range(batch)], row_sequences=list(range(batch)) * n)
         return self.project(hidden.reshape(n, *input_ids.shape, -1), heads)
 
     # ------------------------------------------------------------- parameters

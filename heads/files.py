@@ -125,6 +125,7 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
         valuemix_version=config.valuemix_version or "unknown",
         base_literal=repr(base),
         backbone_layers=config.backbone_layers,
+        trunk_layers=config.trunk_layers,
         bank_call=bank_call(replace(config, backbone=backbone)),
         source_literal=repr(os.fspath(source) if source is not None else config.name),
         name_literal=repr(config.name),
@@ -153,6 +154,11 @@ def load_head(bank, source: str | os.PathLike, name: str | None = None, revision
     lora_config.inference_mode = False  # the bank manages gradients itself, as for a head made by add_head
     with bank.lock:
         bank.add_head(name, lora=lora_config)
+        if config.trunk_layers != bank.lora_start(name):
+            start = bank.lora_start(name)
+            bank.remove_head(name)
+            raise ValueError(f"{HEAD_CONFIG} in {label} records a shared trunk of {config.trunk_layers} layers but "
+                             f"{ADAPTER_CONFIG} puts the LoRA from layer {start}; re-save the head.")
         try:
             bank.set_head_state(name, {f"{ADAPTER}{k}": v for k, v in adapter_state.items()}
                                 | {f"{VALUE}{k}": v for k, v in value_state.items()})

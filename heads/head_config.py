@@ -24,6 +24,8 @@ class HeadConfig:
         backbone_layers: the value backbone is the first `backbone_layers` decoder layers of `backbone`
             (`ValueBank(backbone, num_layers=...)`); None: all of them.
         backbone_probe: a few backbone weights, to refuse a head on another checkpoint.
+        trunk_layers: the lower decoder layers without this head's LoRA, shared with every head that starts
+            there (`add_head(..., layers=n)` gives num_layers − n); 0: LoRA on every layer.
         base_model: the base model whose samples trained the head.
         tokenizer_fingerprint: hash of the tokenizer's vocabulary (see `tokenizer_fingerprint`).
         lam: the TD(λ) λ used in training (1.0 = Monte Carlo).
@@ -42,6 +44,7 @@ class HeadConfig:
     backbone_revision: str | None = None
     backbone_layers: int | None = None
     backbone_probe: list[float] = field(default_factory=list)
+    trunk_layers: int = 0
     base_model: str | None = None
     tokenizer_fingerprint: str = ""
     lam: float | None = None

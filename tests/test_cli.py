@@ -88,7 +88,7 @@ def test_the_same_from_one_yaml_file_with_flags_overriding_it(tiny, prompts_file
                    "out": str(tmp_path / "samples")},
         "score": {"samples": str(tmp_path / "samples"), "reward": {"no_cat": "keywords:cat,dog:absent"}},
         "train": {"backbone": tiny, "samples": str(tmp_path / "samples"), "reward": "no_cat", "name": "tidy",
-                  "epochs": 1, "batch-size": 3, "lam": 0.5, "out": str(tmp_path / "head")},
+                  "epochs": 1, "batch-size": 3, "lam": 0.5, "lora-layers": 1, "out": str(tmp_path / "head")},
     }))
     for subcommand in ("sample", "score"):
         assert run(subcommand, "--config", config) == 0
@@ -98,6 +98,7 @@ def test_the_same_from_one_yaml_file_with_flags_overriding_it(tiny, prompts_file
     head = bank.configs["tidy"]
     assert head.reward == rewards.Keywords(["cat", "dog"], present=False).description
     assert (head.data_size, head.lam, head.metrics["steps"]) == (6, 1.0, 2)
+    assert head.trunk_layers == bank.lora_start("tidy") == 1  # a shared-trunk head: LoRA on the top layer only
 
 
 def test_flat_json_config(tiny, prompts_file, tmp_path):

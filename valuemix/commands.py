@@ -279,6 +279,9 @@ class TrainArgs:
     )})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the head's adapter"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_layers: int = field(default=0, metadata={"help": (
+        "put the LoRA on the top N decoder layers only: a shared-trunk head, whose lower layers run once for "
+        "every head starting there (0: every layer)")})
     device: str = field(default="auto", metadata={"help": (
         "device to train on; auto: this process's device under `accelerate launch`, else the first GPU, "
         "else the CPU"
@@ -315,7 +318,8 @@ def train_main(argv=None) -> str:
     bank = ValueBank(absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype),
                      device=resolve_device(args.device),
                      quantization=args.quantization)
-    bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha}, seed=config.seed)
+    bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha}, seed=config.seed,
+                  layers=args.lora_layers or None)
     metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description)
     if not is_main_process():  # every process holds the same head; one saves it
         return os.path.abspath(args.out)
