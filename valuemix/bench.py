@@ -1,17 +1,23 @@
-"""Decoding benchmark: plain sampling vs the reference VAS decoder vs valuemix with 1, 2 and 4 heads.
+"""Decoding benchmark: plain sampling vs the reference VAS decoder vs valuemix with 1, 2 and 4 heads,
+at the full top-k and with adaptive candidate sets (--top-p), in valuemix's loop and in `model.generate`.
 
     python -m valuemix.bench                      # SmolLM2-135M-shaped random models, batch 1
+    python -m valuemix.bench --demo               # the demo world: SmolLM2-135M-Instruct and its heads
     python -m valuemix.bench --batch 1 4 --repeats 5 --markdown bench_out/bench.md
 
-Everything runs in one process on the same randomly initialised models (float32, CPU by default):
-a base `LlamaForCausalLM` and a value backbone of the same shape (or shallower: --backbone-layers),
-a word-level tokenizer with exactly --vocab tokens, and random prompts of --prompt-tokens tokens.
-Special tokens (EOS, pad, ...) are masked out of the base logits, so every run generates exactly
---new-tokens tokens per row.
+Everything runs in one process on the same models (float32, CPU by default). By default they are
+randomly initialised: a base `LlamaForCausalLM` and a value backbone of the same shape (or shallower:
+--backbone-layers), a word-level tokenizer with exactly --vocab tokens, and random prompts of
+--prompt-tokens tokens. With --demo they are the demo world's (`valuemix.demo.load_demo`), its heads
+and its held-out prompts in the chat template. EOS (and, on random models, every special token) is
+masked out of the base logits, so every run generates exactly --new-tokens tokens per row.
+Random models spread their probability thinly, so adaptive sets stay near the full top-k there;
+the demo world shows what a real instruction model's confidence saves.
 
 Reported per configuration: ms per generated token (median over --repeats runs after --warmup runs,
 the configurations interleaved round by round), from the wall time of the whole call (tokenisation,
-checks, prefill and decoding) divided by --new-tokens; the decoding loop alone is reported beside it.
+checks, prefill and decoding) divided by --new-tokens; the decoding loop alone is reported beside it
+(for `model.generate`, the `generate` call). Adaptive rows also report the mean candidate set size.
 Then the ratios reference / valuemix-1-head (target >= 5x), valuemix-4-heads / valuemix-1-head
 (target <= 3x) and valuemix-1-head / plain; head training throughput (states per second of
 `train_head`); and the bytes one head adds (its saved files, or its parameters).
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import SuppressTokensLogitsProcessor
+from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from valuemix.heads.atomic import atomic_write_text
 from valuemix.options import make_parser as make_options_parser
@@ -57,6 +63,15 @@ class BenchConfig:
     backbone_layers: int | None = field(default=None, metadata={
         "help": "value backbone layers (None: the same as layers)"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
+    top_p: list[float] = field(default_factory=lambda: [0.8, 0.9], metadata={
+        "help": "adaptive candidate sets timed with one head: the nucleus inside the top-k (none: skip)"})
+    demo: bool = field(default=False, metadata={
+        "help": "time the demo world (SmolLM2-135M-Instruct, its 12-layer backbone and heads) instead of random "
+                "models; the shape flags are then ignored"})
+    lora_layers: int = field(default=4, metadata={
+        "help": "also time --heads shared-trunk heads with LoRA on this many top backbone layers (0: skip)"})
+    hf_generate: bool = field(default=True, metadata={
+        "help": "also time every configuration through transformers' model.generate(logits_processor=[mixer])"})
     new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})
     prompt_tokens: int = field(default=32, metadata={"help": "prompt length in tokens"})
     batch: list[int] = field(default_factory=lambda: [1], metadata={"help": "batch sizes to time"})
@@ -206,8 +221,97 @@ def machine_info() -> dict:
                 torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
 
 
-def _decode_cases(cfg, base, tokenizer, banks, ban):
-    """(row name, batch, n_heads, function(prompts) -> (Generation, wall seconds)) for every configuration."""
+@dataclass
+class BenchWorld:
+    """What one run decodes with: base, tokenizer, a bank whose first `heads` (full depth) and `trunk_heads`
+    (shared trunk) are timed, prompts by batch size, the processor that masks EOS (and specials), whether prompts
+    go through the chat template, and in words."""
+
+    base: object
+    tokenizer: object
+    bank: object
+    heads: list[str]
+    trunk_heads: list[str]
+    prompts: dict[int, list[str]]
+    ban: object
+    chat_template: bool
+    description: str
+
+
+def random_world(cfg: BenchConfig) -> BenchWorld:
+    """Random SmolLM2-shaped models (see `build_models`), with max(--heads) random heads h0, h1, ..."""
+    tokenizer = build_tokenizer(cfg.vocab)
+    base, backbone = build_models(cfg)
+    bank = make_bank(backbone, tokenizer, max(cfg.heads), seed=cfg.seed)
+    heads = bank.heads
+    trunk_heads = add_trunk_heads(bank, cfg)
+    prompts = {b: random_prompts(b, cfg.prompt_tokens, cfg.vocab, cfg.seed + b) for b in cfg.batch}
+    ban = SuppressTokensLogitsProcessor(list(range(len(SPECIAL_TOKENS))))  # no EOS: every run is full length
+    return BenchWorld(base, tokenizer, bank, heads, trunk_heads, prompts, ban, False,
+                      f"random Llama, {cfg.layers} layers (backbone {cfg.backbone_layers or cfg.layers}), hidden "
+                      f"{cfg.hidden}, intermediate {cfg.intermediate}, vocab {cfg.vocab}, float32; "
+                      f"{cfg.prompt_tokens} random prompt tokens")
+
+
+def demo_world(cfg: BenchConfig) -> BenchWorld:
+    """The demo world: SmolLM2-135M-Instruct, its value backbone and shipped heads, the held-out prompts."""
+    from valuemix.demo import BACKBONE_LAYERS, load_demo
+    from valuemix.heads.tokens import eos_ids
+
+    world = load_demo()
+    heads = ["cheerful", "concise", "unlearn", "helpful", "harmless"]
+    if max(cfg.heads) > len(heads):
+        raise ValueError(f"--demo has {len(heads)} heads; --heads asks for {max(cfg.heads)}.")
+    prompts = {b: [world.prompts[i % len(world.prompts)] for i in range(b)] for b in cfg.batch}
+    ban = SuppressTokensLogitsProcessor(eos_ids(world.base, world.tokenizer))
+    trunk_heads = add_trunk_heads(world.bank, cfg)  # random: their speed, not their values, is measured
+    return BenchWorld(world.base, world.tokenizer, world.bank, heads, trunk_heads, prompts, ban, True,
+                      f"demo world: SmolLM2-135M-Instruct (30 layers), its {BACKBONE_LAYERS}-layer value backbone and "
+                      f"shipped heads ({', '.join(heads[:max(cfg.heads)])}), held-out prompts in the chat template")
+
+
+def add_trunk_heads(bank, cfg: BenchConfig) -> list[str]:
+    """max(--heads) random shared-trunk heads t0, t1, ... with LoRA on the top --lora-layers layers (0: none)."""
+    if not cfg.lora_layers:
+        return []
+    names = [f"t{i}" for i in range(max(cfg.heads))]
+    for i, name in enumerate(names):
+        bank.add_head(name, layers=cfg.lora_layers)
+        randomise_head(bank, name, seed=cfg.seed + 1000 + 100 * i)
+    return names
+
+
+class SetSizes:
+    """A logits processor that only records the mixer's candidate set sizes (their mean is reported)."""
+
+    def __init__(self, mixer):
+        self.mixer, self.sizes = mixer, []
+
+    def __call__(self, input_ids, scores):
+        self.sizes += self.mixer.candidate_sets(scores)[2].sum(-1).tolist()
+        return scores
+
+
+def hf_generate(world: BenchWorld, prompts, processors, new_tokens: int, seed: int):
+    """`model.generate` with `processors` (sampling, no other warper); a `Generation` whose seconds time the call."""
+    from valuemix.compose.generate import Generation
+    from valuemix.heads.tokens import encode_prompts
+
+    texts, input_ids, attention_mask = encode_prompts(world.tokenizer, prompts, world.chat_template)
+    device = world.base.device
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = world.base.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              logits_processor=LogitsProcessorList(processors), do_sample=True, top_k=None,
+                              top_p=None, temperature=1.0, max_new_tokens=new_tokens,
+                              pad_token_id=world.tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    return Generation(texts, [], out[:, input_ids.shape[1]:].tolist(), [], seconds)
+
+
+def _decode_cases(cfg: BenchConfig, world: BenchWorld):
+    """(row name, batch, n_heads, function(prompts) -> (Generation, wall seconds), `SetSizes` or None) per
+    configuration: each in valuemix's loop, then (--hf-generate) in `model.generate`."""
     from valuemix.compose.generate import generate
     from valuemix.compose.mixer import Mixer
     from valuemix.compose.reference import reference_generate
@@ -219,21 +323,35 @@ def _decode_cases(cfg, base, tokenizer, banks, ban):
             return result, time.perf_counter() - start
         return run
 
+    def both(name, batch, n_heads, mixer):
+        sizes = SetSizes(mixer) if mixer is not None and mixer.top_p < 1 else None
+        own = [world.ban] + ([sizes] if sizes else [])
+        cases.append((name, batch, n_heads, timed(lambda p: generate(
+            world.base, world.tokenizer, p, mixer, max_new_tokens=cfg.new_tokens, seed=cfg.seed,
+            logits_processors=own, chat_template=world.chat_template)), sizes))
+        if cfg.hf_generate:
+            processors = [world.ban] + ([mixer] if mixer is not None else [])
+            cases.append((f"{name} (model.generate)", batch, n_heads, timed(lambda p: hf_generate(
+                world, p, processors, cfg.new_tokens, cfg.seed)), None))
+
+    def mixer(n_heads, top_p=1.0, heads=world.heads):
+        weights = {h: cfg.beta for h in heads[:n_heads]}
+        return Mixer(world.bank, weights, top_k=cfg.top_k, top_p=top_p, tokenizer=world.tokenizer)
+
     cases = []
     for batch in cfg.batch:
-        cases.append(("plain", batch, 0, timed(lambda p: generate(
-            base, tokenizer, p, None, max_new_tokens=cfg.new_tokens, seed=cfg.seed, logits_processors=[ban]))))
+        both("plain", batch, 0, None)
         if cfg.reference:
-            bank = banks[min(banks)]
-            cases.append(("reference VAS (1 head)", batch, 1, timed(lambda p, bank=bank: reference_generate(
-                base, tokenizer, bank, bank.heads[0], cfg.beta, p, top_k=cfg.top_k, max_new_tokens=cfg.new_tokens,
-                seed=cfg.seed, logits_processors=[ban]))))
-        for n_heads, bank in sorted(banks.items()):
-            mixer = Mixer(bank, {h: cfg.beta for h in bank.heads}, top_k=cfg.top_k, tokenizer=tokenizer)
-            cases.append((f"valuemix {n_heads} head{'s' if n_heads > 1 else ''}", batch, n_heads,
-                          timed(lambda p, mixer=mixer: generate(base, tokenizer, p, mixer,
-                                                                max_new_tokens=cfg.new_tokens, seed=cfg.seed,
-                                                                logits_processors=[ban]))))
+            cases.append(("reference VAS (1 head)", batch, 1, timed(lambda p: reference_generate(
+                world.base, world.tokenizer, world.bank, world.heads[0], cfg.beta, p, top_k=cfg.top_k,
+                max_new_tokens=cfg.new_tokens, seed=cfg.seed, logits_processors=[world.ban])), None))
+        for n_heads in sorted(set(cfg.heads)):
+            both(f"valuemix {n_heads} head{'s' if n_heads > 1 else ''}", batch, n_heads, mixer(n_heads))
+        for n_heads in sorted(set(cfg.heads)) if world.trunk_heads else ():
+            both(f"valuemix {n_heads} shared-trunk head{'s' if n_heads > 1 else ''}", batch, n_heads,
+                 mixer(n_heads, heads=world.trunk_heads))
+        for top_p in cfg.top_p:
+            both(f"valuemix 1 head, top-p {top_p:g}", batch, 1, mixer(1, top_p))
     return cases
 
 
@@ -246,22 +364,18 @@ def run(cfg: BenchConfig) -> dict:
         raise ValueError(f"--heads must list positive head counts, got {cfg.heads}")
     started = time.time()
     load_before = load_average()
-    tokenizer = build_tokenizer(cfg.vocab)
-    base, backbone = build_models(cfg)
-    banks = {n: make_bank(backbone, tokenizer, n, seed=cfg.seed) for n in sorted(set(cfg.heads))}
-    ban = SuppressTokensLogitsProcessor(list(range(len(SPECIAL_TOKENS))))  # no EOS: every run is full length
-    prompts = {b: random_prompts(b, cfg.prompt_tokens, cfg.vocab, cfg.seed + b) for b in cfg.batch}
-    cases = _decode_cases(cfg, base, tokenizer, banks, ban)
-    train_steps = 1 if cfg.train else 0
+    world = demo_world(cfg) if cfg.demo else random_world(cfg)
+    cases = _decode_cases(cfg, world)
+    train_steps = 1 if cfg.train and not cfg.demo else 0
     bar = tqdm(total=(cfg.warmup + cfg.repeats) * len(cases) + train_steps + 1, desc="bench",
                disable=not cfg.progress, file=sys.stderr)
 
     # Decoding: the configurations are interleaved round by round, so that load drifts hit them alike.
     timings = {i: dict(wall=[], loop=[]) for i in range(len(cases))}
     for round_ in range(cfg.warmup + cfg.repeats):
-        for i, (name, batch, _, fn) in enumerate(cases):
+        for i, (name, batch, _, fn, _) in enumerate(cases):
             bar.set_postfix_str(f"{name} b{batch} {'warm-up' if round_ < cfg.warmup else 'round'} {round_ + 1}")
-            result, wall = fn(prompts[batch])
+            result, wall = fn(world.prompts[batch])
             lengths = {len(t) for t in result.token_ids}
             if lengths != {cfg.new_tokens}:
                 raise RuntimeError(f"{name}: generated {sorted(lengths)} tokens per row, expected {cfg.new_tokens}")
@@ -271,18 +385,28 @@ def run(cfg: BenchConfig) -> dict:
             bar.update(1)
 
     rows = []
-    for i, (name, batch, n_heads, _) in enumerate(cases):
+    for i, (name, batch, n_heads, _, sizes) in enumerate(cases):
         wall, loop = timings[i]["wall"], timings[i]["loop"]
         ms = [1000 * s / cfg.new_tokens for s in wall]
         rows.append(dict(name=name, batch=batch, heads=n_heads, ms_per_token=statistics.median(ms),
                          min_ms_per_token=min(ms), ms_per_token_runs=ms,
                          loop_ms_per_token=1000 * statistics.median(loop) / cfg.new_tokens,
                          call_overhead_ms=1000 * statistics.median(w - s for w, s in zip(wall, loop)),
-                         tokens_per_second=batch * cfg.new_tokens / statistics.median(wall)))
+                         tokens_per_second=batch * cfg.new_tokens / statistics.median(wall),
+                         mean_set_size=statistics.mean(sizes.sizes) if sizes else None))
     ratios = []
     wanted = [("reference VAS (1 head)", "valuemix 1 head", ">= 5", lambda x: x >= 5),
               ("valuemix 4 heads", "valuemix 1 head", "<= 3", lambda x: x <= 3),
               ("valuemix 1 head", "plain", None, None)]
+    n = max(cfg.heads)
+    if cfg.lora_layers and n > 1:
+        wanted += [(f"valuemix {n} shared-trunk heads", "valuemix 1 head", "<= 1.4", lambda x: x <= 1.4),
+                   (f"valuemix {n} shared-trunk heads", "valuemix 1 shared-trunk head", None, None)]
+    adaptive_target = ("<= 1.6", lambda x: x <= 1.6) if cfg.demo else (None, None)
+    wanted += [(f"valuemix 1 head, top-p {p:g}", "plain", *adaptive_target) for p in cfg.top_p]
+    if cfg.hf_generate:
+        wanted += [(f"{name} (model.generate)", name, "<= 1", lambda x: x <= 1)
+                   for name in ("valuemix 1 head", *(f"valuemix 1 head, top-p {p:g}" for p in cfg.top_p))]
     for batch in cfg.batch:
         median = {r["name"]: r["ms_per_token"] for r in rows if r["batch"] == batch}
         best = {r["name"]: r["min_ms_per_token"] for r in rows if r["batch"] == batch}
@@ -294,13 +418,12 @@ def run(cfg: BenchConfig) -> dict:
                                    met=None if check is None else bool(check(value))))
 
     training = None
-    if cfg.train:
+    if cfg.train and not cfg.demo:  # random prompts need the random word-level vocabulary
         bar.set_postfix_str("head training")
-        training = _training_section(cfg, base, tokenizer, banks[min(banks)])
+        training = _training_section(cfg, world.base, world.tokenizer, world.bank)
         bar.update(1)
     bar.set_postfix_str("head size")
-    size_bank = banks[min(banks)]
-    size = head_bytes(size_bank, size_bank.heads[0])
+    size = head_bytes(world.bank, world.heads[0])
     bar.update(1)
     bar.close()
 
@@ -310,7 +433,8 @@ def run(cfg: BenchConfig) -> dict:
             ms_per_token="wall time of the whole call / new tokens, median over repeats (prefill included)",
             loop_ms_per_token="decoding loop only (Generation.seconds / new tokens), median",
             call_overhead_ms="per call, outside the decoding loop (tokenisation, checks): wall - loop, median",
-            tree_masks_ok={n: b.tree_masks_ok for n, b in banks.items()},
+            tree_masks_ok=world.bank.tree_masks_ok, world=world.description,
+            mean_set_size="adaptive rows: mean size of the mixer's candidate sets over every step and row",
             load_before=load_before, load_after=load_average(),
         ),
         started=started, seconds=time.time() - started,
@@ -348,22 +472,23 @@ def format_markdown(results: dict) -> str:
     lines = [
         "## valuemix decoding benchmark",
         "",
-        f"Models: random Llama, {cfg['layers']} layers (backbone {cfg['backbone_layers'] or cfg['layers']}), "
-        f"hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, vocab {cfg['vocab']}, float32. "
-        f"top-k {cfg['top_k']}, {cfg['prompt_tokens']} prompt tokens, {cfg['new_tokens']} new tokens, "
+        f"Models: {results['notes']['world']}. "
+        f"top-k {cfg['top_k']}, {cfg['new_tokens']} new tokens, "
+        f"shared-trunk heads: LoRA on the top {cfg['lora_layers']} layers, "
         f"median of {cfg['repeats']} runs after {cfg['warmup']} warm-up.",
         f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
         "",
         f"Load average before/after: {results['notes']['load_before']} / {results['notes']['load_after']}.",
         "",
-        "| configuration | batch | ms/token (median) | min | loop ms/token | tokens/s | runs (ms/token) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| configuration | batch | ms/token (median) | min | loop ms/token | tokens/s | mean set | runs (ms/token) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
         runs = ", ".join(f"{x:.1f}" for x in r["ms_per_token_runs"])
+        size = "" if r["mean_set_size"] is None else f"{r['mean_set_size']:.1f}"
         lines.append(f"| {r['name']} | {r['batch']} | {r['ms_per_token']:.1f} | {r['min_ms_per_token']:.1f} | "
-                     f"{r['loop_ms_per_token']:.1f} | {r['tokens_per_second']:.1f} | {runs} |")
+                     f"{r['loop_ms_per_token']:.1f} | {r['tokens_per_second']:.1f} | {size} | {runs} |")
     lines += ["", "| ratio (ms/token) | batch | median-based | min-based | target | met (median) |",
               "|---|---:|---:|---:|---|---|"]
     for r in results["ratios"]:
