@@ -148,6 +148,18 @@ def test_valuemix_eval_on_the_demo_writes_json_and_png(tmp_path):
         assert (out / f"reward_vs_kl_{head}.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_valuemix_eval_on_the_demo_sweeps_the_heads_named_with_adaptive_sets(tmp_path):
+    out = tmp_path / "eval"
+    assert cli(["eval", "--out", str(out), "--heads", "cheerful", "unlearn", "--top-p", "0.9", "--n-prompts", "2",
+                "--betas", "4", "--best-of", "2", "--samples-per-prompt", "1", "--max-new-tokens", "6",
+                "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["heads"] == ["cheerful", "unlearn"] and report["config"]["top_p"] == 0.9
+    assert [s["weights"] for s in report["settings"]][1:] == [{"cheerful": 4.0, "unlearn": 0.0},
+                                                               {"cheerful": 0.0, "unlearn": 4.0}]
+    assert report["settings"][0]["kl"] == 0.0  # β = 0 against π_ref truncated to the same sets
+
+
 def test_the_gguf_conversion_gives_the_same_model(tmp_path, monkeypatch):
     """Converting the GGUF afresh (into an empty cache) gives the same logits as transformers' GGUF loader.
 

@@ -29,7 +29,8 @@ class EvalArgs:
         "help": "the base model (a folder or a Hub id); leave empty for the offline demo world"})
     backbone: str = field(default="", metadata={"help": "the value backbone (a folder or a Hub id); if not given: the base"})
     heads: list[str] = field(default_factory=list, metadata={
-        "help": "head folders or Hub ids to load onto the backbone"})
+        "help": "head folders or Hub ids to load onto the backbone; with the demo: which of its heads to sweep "
+                "(names, e.g. cheerful unlearn; default all five)"})
     prompts: str = field(default="", metadata={
         "help": "prompts file (.txt, .jsonl or .json); if not given, with the demo: its held-out prompts"})
     reward: list[str] = field(default_factory=list, metadata={"help": (
@@ -56,7 +57,10 @@ def eval_main(argv=None) -> dict:
         config = replace(config, chat_template=True)
     if args.n_prompts:
         prompts = prompts[:args.n_prompts]
-    report = evaluate(base, tokenizer, bank, prompts, rewards, config, progress=args.progress)
+    heads = [h for h in bank.heads if h in rewards]  # each head against the reward of its name
+    if not args.base and args.heads:
+        heads = bank.check_heads(args.heads)
+    report = evaluate(base, tokenizer, bank, prompts, rewards, config, heads=heads, progress=args.progress)
     print(report_text(report, write_report(report, args.out)))
     if args.record_in_heads:
         print("\n".join(record_in_heads(bank, report, folders)))
