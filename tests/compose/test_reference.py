@@ -20,7 +20,7 @@ def test_reference_decoding_equals_the_mixer_that_keeps_tokens_outside_the_top_k
     tok = build_tokenizer()
     base, bank = build_model("llama", len(tok), seed=0), make_bank(tok, heads=("helpful",))
     reference = reference_generate(base, tok, bank, "helpful", beta, PROMPTS, top_k=6, max_new_tokens=8, seed=3)
-    mixer = vm.Mixer(bank, {"helpful": beta}, top_k=6, mask_outside_top_k=False)
+    mixer = vm.Mixer(bank, {"helpful": beta}, top_k=6, top_p=1.0, mask_outside_top_k=False)
     ours = vm.generate(base, tok, PROMPTS, mixer, max_new_tokens=8, seed=3)
     assert reference.token_ids == ours.token_ids
     assert reference.kl == pytest.approx(ours.kl, abs=8 * abs(beta) * VALUE_ATOL + 1e-6)
@@ -37,7 +37,7 @@ def test_reference_logits_equal_the_mixers_at_every_step_on_the_same_prefixes(be
     recorded = []
     reference = reference_generate(base, tok, bank, "helpful", beta, PROMPTS, top_k=6, max_new_tokens=6, seed=3,
                                    logits_processors=[no_eos], step_logits=recorded)
-    mixer = vm.Mixer(bank, {"helpful": beta}, top_k=6, mask_outside_top_k=False)
+    mixer = vm.Mixer(bank, {"helpful": beta}, top_k=6, top_p=1.0, mask_outside_top_k=False)
     _, prompt_ids, prompt_mask = encode_prompts(tok, PROMPTS)
     generated = torch.tensor(reference.token_ids)
     assert len(recorded) == generated.shape[1] == 6

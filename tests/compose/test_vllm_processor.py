@@ -20,6 +20,7 @@ from gradio_client.exceptions import AppError
 
 import valuemix as vm
 from valuemix.compose.generate import step_kl
+from valuemix.compose.mixer import DEFAULT_TOP_P
 from valuemix.compose.remote import ServedModel
 from valuemix.ui.logic import AppParts, RequestError, explain_step, run_mix_once, validate_request
 from valuemix.compose.candidates import VALUE_ATOL
@@ -127,12 +128,12 @@ def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine
             plain = llm.generate({"prompt_token_ids": prefix}, params(tokens=1, temperature=0.0, logprobs=20))
             raw = plain[0].outputs[0].logprobs[0]
             ranked = sorted(raw, key=lambda token: -raw[token].logprob)[:20]  # processed_logits: these are logits
-            kept = ranked
-            if top_p is not None:
+            kept, nucleus = ranked, DEFAULT_TOP_P if top_p is None else top_p  # None: the server's default
+            if nucleus < 1:
                 with torch.inference_mode():
                     normaliser = torch.logsumexp(base(torch.tensor([prefix])).logits[0, -1].float(), -1)
                 mass = (torch.tensor([raw[token].logprob for token in ranked]) - normaliser).exp().cumsum(0)
-                kept = ranked[:1 + int((mass[:-1] < top_p).sum())]  # the nucleus: the mass before < top_p
+                kept = ranked[:1 + int((mass[:-1] < nucleus).sum())]  # the nucleus: the mass before < top_p
             sizes.append(len(kept))
             scores = torch.full((1, len(bank.tokenizer)), -torch.inf)
             scores[0, kept] = torch.tensor([raw[token].logprob for token in kept])

@@ -78,7 +78,7 @@ def test_mixed_depth_mix_equals_brute_force_inside_generate(tok, family, tree):
     bank = shared_bank(tok, family)
     bank.tree_masks_ok = tree
     weights = {"full": 1.0, "top2": 1.5, "top2b": -0.7, "top1": 0.8}
-    recorder = Recorder(vm.Mixer(bank, weights, top_k=5))
+    recorder = Recorder(vm.Mixer(bank, weights, top_k=5, top_p=1.0))
     run_generate(build_model(family, len(tok), seed=0), tok, recorder, new_tokens=4)
     for input_ids, scores, out in recorder.calls:
         assert_same_mix(out, expected_scores(bank, input_ids, scores, weights, 5))
