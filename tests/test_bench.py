@@ -46,7 +46,8 @@ def test_bench_end_to_end(tmp_path, capsys):
         "reference VAS (1 head) / valuemix 1 head", "valuemix 4 heads / valuemix 1 head", "valuemix 1 head / plain",
         "valuemix 4 shared-trunk heads / valuemix 1 head", "valuemix 4 shared-trunk heads / valuemix 1 shared-trunk head",
         "valuemix 1 head, top-p 0.5 / plain", "valuemix 1 head (model.generate) / valuemix 1 head",
-        "valuemix 1 head, top-p 0.5 (model.generate) / valuemix 1 head, top-p 0.5"]
+        "valuemix 1 head, top-p 0.5 (model.generate) / valuemix 1 head, top-p 0.5",
+        "model.generate / own loop, geometric mean of the 7 valuemix rows"]
     sizes = {r["name"]: r["mean_set_size"] for r in results["rows"]}
     assert 1 <= sizes["valuemix 1 head, top-p 0.5"] <= 5 and sizes["valuemix 1 head"] is None
     assert all(r["value"] > 0 for r in results["ratios"])
