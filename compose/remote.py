@@ -107,8 +107,8 @@ class ServedModel:
                                               extra_body=extra)
 
     def _kl(self, prompt_ids, tokens, mixed, temperature, top_k, top_p) -> float:
-        """Σ_t KL(π_mix,t ‖ π_ref,t) along the reply: π_mix from its logprobs, π_ref from the prompt_logprobs (the
-        base's top-k, cut to the same nucleus as the mixer's sets)."""
+        """Σ_t KL(π_mix,t ‖ π_ref,t) along the reply: π_mix from its logprobs, π_ref from the prompt_logprobs
+        (the base's top-k, cut to the same nucleus as the mixer's sets)."""
         if not tokens:
             return 0.0
         reply = self.client.completions.create(model=self.model, prompt=prompt_ids + tokens, max_tokens=1,

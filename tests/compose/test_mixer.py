@@ -101,12 +101,14 @@ def test_steps_where_every_set_is_one_token_run_no_value_forward(tok, monkeypatc
 
 def test_top_p_one_is_plain_top_k(tok):
     bank = make_bank(tok)
-    scores = torch.zeros(2, len(tok))
+    scores = torch.randn(2, len(tok), generator=torch.Generator().manual_seed(0))  # no ties
     scores[:, 3] = 200.0  # float32 rounds this token's probability to exactly 1
     ids = torch.tensor([[5, 6], [7, 8]])
-    assert torch.equal(vm.Mixer(bank, {"helpful": 1.0}, top_k=4, top_p=1.0)(ids, scores),
-                       vm.Mixer(bank, {"helpful": 1.0}, top_k=4)(ids, scores))
-    assert torch.isfinite(vm.Mixer(bank, {}, top_k=4, top_p=1.0)(ids, scores)).sum().item() == 8
+    assert torch.equal(vm.Mixer(bank, {}, top_k=4, top_p=1.0)(ids, scores),
+                       TopKLogitsWarper(top_k=4)(None, scores.clone()))
+    mixed = vm.Mixer(bank, {"helpful": 1.0}, top_k=4, top_p=1.0)(ids, scores)
+    assert torch.isfinite(mixed).sum(-1).tolist() == [4, 4]  # all four valued, though one holds all the mass
+    assert torch.isfinite(vm.Mixer(bank, {"helpful": 1.0}, top_k=4)(ids, scores)).sum(-1).tolist() == [1, 1]
 
 
 def test_cold_call_equals_warm_call(tok):
@@ -143,7 +145,8 @@ def test_first_scoring_detects_that_tree_masks_work(tok):
 def test_outside_top_k_left_unchanged_when_asked(tok):
     bank = make_bank(tok)
     scores = torch.randn(2, len(tok))
-    out = vm.Mixer(bank, {"helpful": 3.0}, top_k=5, top_p=1.0, mask_outside_top_k=False)(torch.tensor([[5, 6], [7, 8]]), scores)
+    mixer = vm.Mixer(bank, {"helpful": 3.0}, top_k=5, top_p=1.0, mask_outside_top_k=False)
+    out = mixer(torch.tensor([[5, 6], [7, 8]]), scores)
     top = scores.topk(5).indices
     outside = torch.ones_like(scores, dtype=torch.bool).scatter(-1, top, False)
     assert torch.equal(out[outside], scores[outside])
