@@ -67,16 +67,30 @@ class RowCache:
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t))
 
     @torch.inference_mode()
-    def score(self, new_tokens: torch.Tensor, new_real: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Feed `new_tokens` (rows, n; `new_real` 0 on padding) and value the candidates after them: (rows, k)."""
+    def score(self, new_tokens: torch.Tensor, new_real: torch.Tensor, candidates: torch.Tensor,
+              tail_real: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `new_tokens` (rows, n; `new_real` 0 on padding) and value the candidates after them: (rows, k).
+
+        candidates: (rows, k) tokens, or (rows, k, L) branches of up to L tokens each (a candidate's tail) whose
+        real tokens come first, marked 1 in `tail_real` (rows, k, L); a branch is valued at its last real token.
+        """
+        if candidates.dim() == 2:
+            candidates = candidates[..., None]
+        if tail_real is None:
+            tail_real = torch.ones_like(candidates)
         if self.bank.tree_masks_ok is None:
-            values = self._score_checked(new_tokens, new_real, candidates)
+            values = self._score_checked(new_tokens, new_real, candidates, tail_real)
         elif self.bank.tree_masks_ok:
-            values = self._score_tree(new_tokens, new_real, candidates)
+            values = self._score_tree(new_tokens, new_real, candidates, tail_real)
         else:
-            values = self._score_expanded(new_tokens, new_real, candidates)
+            values = self._score_expanded(new_tokens, new_real, candidates, tail_real)
         self.real = torch.cat([self.real, new_real], dim=1)
         return values
+
+    def truncate(self, keep: torch.Tensor) -> None:
+        """Keep only the first `keep[r]` real cached tokens of each row r (rows, long): the later ones become padding,
+        masked out and never fed again, so one row can take back its last tokens without touching the others."""
+        self.real = self.real * (self.real.cumsum(-1) <= keep.to(self.real.device)[:, None])
 
     def select(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), then drop the leading columns that are padding in every row left."""
@@ -124,62 +138,74 @@ class RowCache:
         return [layer for layer in self.cache.layers if torch.is_tensor(getattr(layer, "keys", None))
                 and layer.keys.dim() == 4]
 
-    def _tree_mask(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
-        """Additive 4D mask (rows, 1, n_new + k, n_cached + n_new + k) for new tokens then candidates."""
+    def _tree_mask(self, new_real: torch.Tensor, tail_real: torch.Tensor) -> torch.Tensor:
+        """Additive 4D mask (rows, 1, n_new + k·L, n_cached + n_new + k·L) for new tokens, then k branches of L."""
         rows, n_new = new_real.shape
-        n_cached = self.real.shape[1]
+        _, k, length = tail_real.shape
+        n_cached, n_branch = self.real.shape[1], k * length
         dtype = self.bank.decoder.dtype
         device = new_real.device
-        prefix = self.real.bool()[:, None, :].expand(rows, n_new + k, n_cached)
+        prefix = self.real.bool()[:, None, :].expand(rows, n_new + n_branch, n_cached)
         causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
         new_seen = torch.cat([causal[None] & new_real.bool()[:, None, :],  # new tokens: causal over real tokens
-                              new_real.bool()[:, None, :].expand(rows, k, n_new)], dim=1)
+                              new_real.bool()[:, None, :].expand(rows, n_branch, n_new)], dim=1)
         new_seen[:, :n_new] |= torch.eye(n_new, dtype=torch.bool, device=device)  # pads see themselves
-        cands = torch.cat([torch.zeros(rows, n_new, k, dtype=torch.bool, device=device),
-                           torch.eye(k, dtype=torch.bool, device=device).expand(rows, k, k)], dim=1)
+        # a branch token sees its own branch's real tokens up to itself, and itself
+        within = torch.kron(torch.eye(k, device=device), torch.ones(length, length, device=device).tril()).bool()
+        branches = (within[None] & tail_real.reshape(rows, 1, n_branch).bool()) \
+            | torch.eye(n_branch, dtype=torch.bool, device=device)
+        cands = torch.cat([torch.zeros(rows, n_new, n_branch, dtype=torch.bool, device=device), branches], dim=1)
         allowed = torch.cat([prefix, new_seen, cands], dim=2)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def _positions(self, new_real: torch.Tensor, k: int) -> torch.Tensor:
-        """Positions of the new tokens (count of real tokens before them) and of the k candidates."""
+    def _positions(self, new_real: torch.Tensor, tail_real: torch.Tensor) -> torch.Tensor:
+        """Positions of the new tokens (count of real tokens before them) and of the branches' tokens after them."""
+        _, k, length = tail_real.shape
         full = torch.cat([self.real, new_real], dim=1)
         new_pos = position_ids_from_mask(full)[:, self.real.shape[1]:]
-        cand_pos = full.sum(-1, keepdim=True).expand(-1, k)
-        return torch.cat([new_pos, cand_pos], dim=1)
+        branch_pos = full.sum(-1, keepdim=True) + torch.arange(length, device=full.device).repeat(k)
+        return torch.cat([new_pos, branch_pos], dim=1)
 
-    def _score_tree(self, new_tokens, new_real, candidates) -> torch.Tensor:
-        k, n_new = candidates.shape[1], new_tokens.shape[1]
-        hidden = self.bank.forward_hidden(torch.cat([new_tokens, candidates], dim=1), self._tree_mask(new_real, k),
-                                          self._positions(new_real, k), self.row_heads, cache=self.cache,
-                                          row_sequences=self.row_sequences)
-        self.cache.crop(-k)  # drop the candidates; the sampled one is fed with the next step
+    def _score_tree(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
+        rows, k, length = candidates.shape
+        n_new = new_tokens.shape[1]
+        hidden = self.bank.forward_hidden(torch.cat([new_tokens, candidates.reshape(rows, k * length)], dim=1),
+                                          self._tree_mask(new_real, tail_real), self._positions(new_real, tail_real),
+                                          self.row_heads, cache=self.cache, row_sequences=self.row_sequences)
+        self.cache.crop(-k * length)  # drop the candidates; the sampled one is fed with the next step
+        if length > 1:  # each branch's last real token
+            last = n_new + torch.arange(k, device=hidden.device) * length + tail_real.to(hidden.device).sum(-1) - 1
+            return self.bank.project(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1])),
+                                     self.row_heads)
         return self.bank.project(hidden[:, n_new:], self.row_heads)
 
-    def _score_expanded(self, new_tokens, new_real, candidates) -> torch.Tensor:
-        """Fallback: feed the new tokens, then one candidate per row on a k-times repeated cache."""
-        rows, k = candidates.shape
+    def _score_expanded(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
+        """Fallback: feed the new tokens, then one candidate's branch per row on a k-times repeated cache."""
+        rows, k, length = candidates.shape
         full = torch.cat([self.real, new_real], dim=1)
         if new_tokens.shape[1]:
             self.bank.forward_hidden(new_tokens, full, position_ids_from_mask(full)[:, self.real.shape[1]:],
                                      self.row_heads, cache=self.cache, row_sequences=self.row_sequences)
         expanded = copy.deepcopy(self.cache)
         expanded.batch_repeat_interleave(k)  # each layer's rows k times: (computation, candidate) in that order
-        mask = torch.cat([full.repeat_interleave(k, 0), torch.ones_like(full[:, :1]).repeat_interleave(k, 0)], 1)
-        positions = full.sum(-1).repeat_interleave(k)[:, None]
+        branch_real = tail_real.reshape(rows * k, length).to(full.dtype)
+        mask = torch.cat([full.repeat_interleave(k, 0), branch_real], 1)
+        positions = full.sum(-1).repeat_interleave(k)[:, None] + torch.arange(length, device=full.device)
         row_heads = [h for h in self.row_heads for _ in range(k)]
         row_sequences = [(s, c) for s in self.row_sequences for c in range(k)]
-        hidden = self.bank.forward_hidden(candidates.reshape(-1, 1), mask, positions, row_heads, cache=expanded,
+        hidden = self.bank.forward_hidden(candidates.reshape(-1, length), mask, positions, row_heads, cache=expanded,
                                           row_sequences=row_sequences)
+        hidden = hidden[torch.arange(rows * k, device=hidden.device), branch_real.sum(-1).to(hidden.device) - 1]
         return self.bank.project(hidden.reshape(rows, k, -1), row_heads[::k])
 
-    def _score_checked(self, new_tokens, new_real, candidates) -> torch.Tensor:
+    def _score_checked(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
         """First scoring on a bank: use the tree only if it matches cache expansion on this architecture."""
         untouched = copy.deepcopy(self.cache)
-        expected = self._score_expanded(new_tokens, new_real, candidates)
+        expected = self._score_expanded(new_tokens, new_real, candidates, tail_real)
         expanded_cache, self.cache = self.cache, untouched
         try:
-            got = self._score_tree(new_tokens, new_real, candidates)
+            got = self._score_tree(new_tokens, new_real, candidates, tail_real)
             self.bank.tree_masks_ok = torch.allclose(got, expected, atol=VALUE_ATOL, rtol=1e-3)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             logger.warning("Tree scoring raised %r", err)
