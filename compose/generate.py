@@ -80,7 +80,7 @@ def generate(base, tokenizer, prompts: Sequence[str], mixer: Mixer | None = None
     if temperature <= 0:
         raise ValueError(f"temperature must be positive (got {temperature}); use do_sample=False for greedy.")
     if mixer is not None:
-        mixer.bank.check_tokenizer(tokenizer)
+        mixer.check_tokenizer(tokenizer)
     prompts, input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat_template)
     lengths = attention_mask.sum(-1).tolist()
     check_context(base, lengths, max_new_tokens)

@@ -12,6 +12,8 @@ from transformers import LogitsProcessor
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.head_config import HeadConfig
 from valuemix.compose.candidates import CandidateScorer
+from valuemix.compose.cross_tokenizer import CrossTokenizerScorer
+from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
 
 
 # The nucleus inside the top-k by default. On the demo world (python -m valuemix.bench --demo; valuemix eval
@@ -130,8 +132,9 @@ class Mixer(LogitsProcessor):
         top_p: keep, of the top-k, the smallest set whose base probability reaches top_p (1.0: all k). The
             default, 0.99, was chosen on the demo world: it kept the heads' rewards and decoded faster (README).
         mask_outside_top_k: mask tokens outside the top-k (default) or leave them unchanged.
-        tokenizer: the base model's tokenizer; if given, it must match the backbone's.
-        pad_token_id: the id used for left padding (default: the bank tokenizer's).
+        tokenizer: the base model's tokenizer. If it differs from the backbone's, candidates are valued as text:
+            V_h of the text so far plus the candidate's, as the backbone tokenizes it (`compose.cross_tokenizer`).
+        pad_token_id: the id used for left padding (default: the base tokenizer's, or the bank tokenizer's).
 
     Example:
         >>> mixer = vm.Mixer(bank, {"helpful": 1.5, "concise": -0.5}, top_k=20)
@@ -145,8 +148,8 @@ class Mixer(LogitsProcessor):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer (got {top_k!r}); 20 is the usual choice.")
         check_top_p(top_p)
-        bank.check_tokenizer(tokenizer)
         self.bank = bank
+        self.base_tokenizer = None if tokenizer is None or bank.same_tokenizer(tokenizer) else tokenizer
         self.top_k = top_k
         self.top_p = float(top_p)
         self.mask_outside_top_k = mask_outside_top_k
@@ -173,9 +176,25 @@ class Mixer(LogitsProcessor):
         """Forget cached prefixes (never needed for correctness; frees memory between generations)."""
         self.scorer = None
 
-    def _scorer(self, heads: list[str]) -> CandidateScorer:
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the base's tokenizer differs from the backbone's (candidates are valued as text)."""
+        return self.base_tokenizer is not None
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a base tokenizer other than the one this mixer reads ids with (the backbone's unless given)."""
+        if self.cross_tokenizer:
+            if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(self.base_tokenizer):
+                raise ValueError(f"Tokenizer mismatch: the base model uses {describe_tokenizer(tokenizer)} but this "
+                                 f"mixer was made for {describe_tokenizer(self.base_tokenizer)}: "
+                                 "Mixer(bank, weights, tokenizer=the base's tokenizer).")
+        else:
+            self.bank.check_tokenizer(tokenizer)
+
+    def _scorer(self, heads: list[str]) -> CandidateScorer | CrossTokenizerScorer:
         if self.scorer is None or self.scorer.heads != heads:
-            self.scorer = CandidateScorer(self.bank, heads, self.pad_token_id)
+            self.scorer = CrossTokenizerScorer(self.bank, heads, self.base_tokenizer, self.pad_token_id) \
+                if self.cross_tokenizer else CandidateScorer(self.bank, heads, self.pad_token_id)
         return self.scorer
 
     def candidate_sets(self, scores: torch.FloatTensor):

@@ -287,13 +287,18 @@ class ValueBank:
             raise ValueError(f"Heads listed twice: {heads}.")
         return heads
 
+    def same_tokenizer(self, tokenizer) -> bool:
+        """Whether `tokenizer` maps text to the same ids as the backbone's."""
+        return tokenizer_fingerprint(tokenizer) == self.fingerprint
+
     def check_tokenizer(self, tokenizer, what: str = "the base model") -> None:
         """Refuse a tokenizer that does not map text to the same ids as the backbone's."""
-        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.fingerprint:
+        if tokenizer is not None and not self.same_tokenizer(tokenizer):
             raise ValueError(
                 f"Tokenizer mismatch: {what} uses {describe_tokenizer(tokenizer)} but the value backbone "
                 f"{self.backbone_id} uses {describe_tokenizer(self.tokenizer)}. Values are only meaningful on "
-                "the backbone's own token ids: pick a backbone that shares the base model's tokenizer.")
+                "the backbone's own token ids: pick a backbone that shares the base model's tokenizer, or mix "
+                "across tokenizers with Mixer(bank, weights, tokenizer=base_tokenizer), which values the text.")
 
     # ----------------------------------------------------------------- values
     def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

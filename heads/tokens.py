@@ -64,3 +64,13 @@ def eos_ids(base, tokenizer) -> list[int]:
     model_eos = getattr(base.generation_config, "eos_token_id", None)
     ids.update(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])
     return sorted(i for i in ids if i is not None)
+
+
+def retokenize(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokenizer`'s own tokens of texts decoded from another tokenizer's ids (special tokens and chat markup already
+    written out as text), adding none of its special tokens: (ids, attention mask), right padded."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The value backbone's tokenizer has no pad token, needed to batch retokenized texts: "
+                         "set bank.tokenizer.pad_token = bank.tokenizer.eos_token.")
+    enc = tokenizer(list(texts), add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]

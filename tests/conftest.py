@@ -140,15 +140,16 @@ def nucleus_sizes(scores, top_k, top_p):
     return sizes
 
 
-def expected_scores(bank, input_ids, scores, weights, top_k, top_p=1.0):
-    """β·(V − mean V) over each row's set (its nucleus inside the top-k) added by brute force; -inf elsewhere."""
+def expected_scores(bank, input_ids, scores, weights, top_k, top_p=1.0, brute_force=brute_force_values):
+    """β·(V − mean V) over each row's set (its nucleus inside the top-k) added by `brute_force` (a function like
+    `brute_force_values`); -inf elsewhere."""
     expected = torch.full_like(scores, -math.inf)
     heads = list(weights)
     beta = torch.tensor([weights[h] for h in heads])
     for row, size in enumerate(nucleus_sizes(scores, top_k, top_p)):
         top, candidates = scores[row:row + 1].topk(size, dim=-1)
         ids = input_ids[row:row + 1]
-        values = brute_force_values(bank, ids, real_token_mask(ids, bank.tokenizer.pad_token_id), candidates, heads)
+        values = brute_force(bank, ids, real_token_mask(ids, bank.tokenizer.pad_token_id), candidates, heads)
         bonus = torch.einsum("h,hbk->bk", beta, values - values.mean(-1, keepdim=True))
         expected[row].scatter_(-1, candidates[0], (top + bonus)[0])
     return expected

@@ -1,4 +1,5 @@
-"""Tiny models built on the spot: a byte-level BPE tokenizer and small causal LMs of three families.
+"""Tiny models built on the spot: tokenizers (byte-level BPE, word-level, SentencePiece-style unigram) and small
+causal LMs of three families.
 
 Used by the quick-start example, the tests and the benchmark, so nothing needs a download.
 """
@@ -30,16 +31,38 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-def build_tokenizer(vocab_size: int = 320, corpus=CORPUS) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `corpus`: <pad>=0, <s>=1, </s>=2, left padding, a chat template."""
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+TOKENIZER_KINDS = ("bpe", "word", "unigram")
+
+
+def build_tokenizer(vocab_size: int = 320, corpus=CORPUS, kind: str = "bpe") -> PreTrainedTokenizerFast:
+    """A tokenizer trained on `corpus`: <pad>=0, <s>=1, </s>=2, left padding, a chat template. `kind`: "bpe" a
+    byte-level BPE (GPT-2/Llama 3 style), "word" whole words and punctuation (<unk> for others), "unigram" a
+    SentencePiece-style unigram model with "▁" marking spaces (Llama 2/T5 style)."""
+    special = ["<pad>", "<s>", "</s>"]
+    if kind == "bpe":
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "word":
+        raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        raw.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special + ["<unk>"],
+                                            show_progress=False)
+    elif kind == "unigram":
+        raw = Tokenizer(models.Unigram())
+        raw.pre_tokenizer = pre_tokenizers.Metaspace()
+        raw.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special + ["<unk>"],
+                                          unk_token="<unk>", show_progress=False)
+    else:
+        raise ValueError(f"Unknown tokenizer kind {kind!r}: pick one of {TOKENIZER_KINDS}.")
     raw.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", padding_side="left")
+                                        pad_token="<pad>", padding_side="left",
+                                        unk_token=None if kind == "bpe" else "<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -184,8 +184,9 @@ def test_bad_top_p_gets_a_clear_error(tok, top_p):
         vm.Mixer(make_bank(tok), {}, top_p=top_p)
 
 
-def test_tokenizer_mismatch_is_refused(tok):
+def test_another_base_tokenizer_values_text(tok):
+    """Given the base's tokenizer, a mixer whose backbone tokenizes otherwise values text (tests/compose/
+    test_cross_tokenizer.py); without it, generate refuses the other tokenizer (test_generate)."""
     bank = make_bank(tok)
-    other = build_tokenizer(vocab_size=300)
-    with pytest.raises(ValueError, match="Tokenizer mismatch: the base model uses .* but the value backbone"):
-        vm.Mixer(bank, {"helpful": 1.0}, tokenizer=other)
+    assert vm.Mixer(bank, {"helpful": 1.0}, tokenizer=build_tokenizer(vocab_size=300)).cross_tokenizer
+    assert not vm.Mixer(bank, {"helpful": 1.0}, tokenizer=tok).cross_tokenizer

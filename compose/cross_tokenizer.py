@@ -1,0 +1,115 @@
+"""Values of a base model's candidate tokens by a value backbone with another tokenizer.
+
+The base proposes tokens of its own vocabulary; a head values text. Each row's text so far (the base's ids
+decoded, special tokens written out) plus a candidate's token is what gets valued: V_h of that text as the
+backbone's tokenizer tokenizes it (`heads.tokens.retokenize`). One backbone forward per step, as on the
+same-tokenizer path (`compose.candidates`): the backbone tokens that all of a row's candidate texts share
+(the common prefix) are fed to the value cache; each candidate's remaining backbone tokens (its tail,
+which may retokenize the last backbone token or two of the text) are one branch of the tree, branches of
+different lengths in the same forward. When a new common prefix no longer starts with what the cache
+holds (a retokenized boundary), the row takes back its cached tokens from where they differ
+(`RowCache.truncate`) and feeds the new ones; the other rows keep theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from valuemix.compose.candidates import RowCache
+from valuemix.heads.bank import ValueBank
+from valuemix.heads.tokens import real_token_mask, retokenize
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one (len(rows), longest) left-padded tensor, and its 1/0 mask of real tokens."""
+    width = max((len(r) for r in rows), default=0)
+    tokens = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).reshape(tokens.shape)
+    return tokens, real
+
+
+class CrossTokenizerScorer:
+    """Values V_h(text(s·a)) of base candidate tokens a after base rows s, for every head: (n_heads, batch, k).
+
+    Args:
+        bank: the value bank holding the heads (its tokenizer is the backbone's).
+        heads: the heads to score with (their order is the order of the returned values).
+        base_tokenizer: the base model's tokenizer, whose ids `input_ids` and the candidates are.
+        pad_token_id: the base id used for left padding (default: the base tokenizer's pad token).
+    """
+
+    def __init__(self, bank: ValueBank, heads: Sequence[str], base_tokenizer, pad_token_id: int | None = None):
+        self.bank = bank
+        self.heads = bank.check_heads(heads)
+        self.base_tokenizer = base_tokenizer
+        self.pad_token_id = base_tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        backbone_pad = bank.tokenizer.pad_token_id
+        self.backbone_pad = 0 if backbone_pad is None else backbone_pad
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache; the next call starts over from the prompt."""
+        self.rows: RowCache | None = None  # one row per (head, sequence), head-major: r = h·batch + b
+        self.seen = None  # (batch, seq) base ids of the last call
+        self.cached: list[list[int]] = []  # per sequence: the backbone tokens its cache rows hold (real ones)
+        self.taken_back = 0  # rows whose cached tokens were retokenized (for the benchmark and tests)
+
+    def backbone_texts(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone tokens of each row's text with each candidate, the brute-force input: (ids, real), each
+        (batch, k, L) with the real tokens first."""
+        real = real_token_mask(input_ids, self.pad_token_id).sum(-1).tolist()
+        prefixes = [row[len(row) - n:] for row, n in zip(input_ids.tolist(), real)]
+        texts = self.base_tokenizer.batch_decode([p + [c] for p, row in zip(prefixes, candidates.tolist()) for c in row])
+        ids, mask = retokenize(self.bank.tokenizer, texts)
+        return ids.reshape(*candidates.shape, -1), mask.reshape(*candidates.shape, -1)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        batch, k = candidates.shape
+        ids, real = self.backbone_texts(input_ids.cpu(), candidates.cpu())
+        lengths = real.sum(-1)  # (batch, k)
+        same = ((ids == ids[:, :1]) & real.bool()).all(1)  # (batch, L): a column every candidate text shares
+        # the common prefix, short of every text's last token (each candidate keeps a tail of one token at least)
+        shared = torch.minimum(same.long().cumprod(-1).sum(-1), lengths.min(-1).values - 1).clamp_min(0)
+        width = int((lengths - shared[:, None]).max())
+        columns = shared[:, None, None] + torch.arange(width)
+        tail_real = (columns < lengths[..., None]).long()
+        tails = ids.gather(-1, columns.clamp_max(ids.shape[-1] - 1).expand(batch, k, width)) * tail_real \
+            + self.backbone_pad * (1 - tail_real)
+        self._start_if_new(input_ids)
+        prefixes = [row[:n] for row, n in zip(ids[:, 0].tolist(), shared.tolist())]
+        keep = [common_length(cached, prefix) for cached, prefix in zip(self.cached, prefixes)]
+        heads = len(self.heads)
+        retokenized = sum(kept < len(cached) for kept, cached in zip(keep, self.cached))
+        if retokenized:  # take back those rows' cached tokens from where they differ
+            self.rows.truncate(torch.tensor(keep).repeat(heads))
+            self.taken_back += retokenized
+        new_tokens, new_real = left_padded([p[kept:] for p, kept in zip(prefixes, keep)], self.backbone_pad)
+        self.cached, self.seen = prefixes, input_ids
+        device = self.bank.device
+        values = self.rows.score(new_tokens.to(device).repeat(heads, 1), new_real.to(device).repeat(heads, 1),
+                                 tails.to(device).repeat(heads, 1, 1), tail_real.to(device).repeat(heads, 1, 1))
+        return values.reshape(heads, batch, k)
+
+    def _start_if_new(self, input_ids: torch.Tensor) -> None:
+        """A new value cache unless `input_ids` continues the last call's rows."""
+        if self.seen is not None and self.seen.shape[0] == input_ids.shape[0] \
+                and input_ids.shape[1] >= self.seen.shape[1] \
+                and torch.equal(input_ids[:, :self.seen.shape[1]].to(self.seen.device), self.seen):
+            return
+        batch = input_ids.shape[0]
+        self.rows = RowCache(self.bank, [h for h in self.heads for _ in range(batch)],
+                             [b for _ in self.heads for b in range(batch)])
+        self.cached = [[] for _ in range(batch)]

@@ -1,0 +1,100 @@
+"""Heads on a backbone with another tokenizer: each base candidate valued as text, retokenized by the backbone."""
+
+import pytest
+import torch
+from conftest import Recorder, assert_same_mix, build_model, build_tokenizer, expected_scores, make_bank, \
+    run_generate
+
+import valuemix as vm
+from valuemix.compose.candidates import CandidateScorer
+from valuemix.compose.cross_tokenizer import CrossTokenizerScorer
+from valuemix.heads.tokens import real_token_mask
+
+WEIGHTS = {"helpful": 2.0, "concise": -1.0}
+# (base's tokenizer, backbone's): byte-level BPE, whole words, SentencePiece-style unigram
+PAIRS = [("word", "bpe"), ("unigram", "bpe"), ("bpe", "unigram"), ("bpe", "word"), ("unigram", "word")]
+
+
+def cross_world(base_kind, backbone_kind, family="llama"):
+    base_tok = build_tokenizer(kind=base_kind)
+    base = build_model(family, len(base_tok), seed=0)
+    bank = make_bank(build_tokenizer(kind=backbone_kind, vocab_size=300), family, heads=tuple(WEIGHTS), layers=2)
+    return base, base_tok, bank
+
+
+def text_brute_force(base_tok):
+    """V_h(text of s·a) by one whole forward of that text as the backbone tokenizes it, per row and candidate."""
+    def values(bank, input_ids, attention_mask, candidates, heads):
+        out = torch.zeros(len(heads), *candidates.shape)
+        real = real_token_mask(input_ids, base_tok.pad_token_id).bool()
+        for b in range(candidates.shape[0]):
+            prefix = input_ids[b][real[b]].tolist()
+            for c, candidate in enumerate(candidates[b].tolist()):
+                text = base_tok.decode(prefix + [candidate])
+                ids = bank.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+                out[:, b, c] = bank.values(ids, heads=heads)[:, 0, -1]
+        return out
+    return values
+
+
+def assert_mix_equals_text_brute_force(recorder, bank, base_tok, top_k, top_p):
+    for input_ids, scores, out in recorder.calls:
+        assert_same_mix(out, expected_scores(bank, input_ids, scores, WEIGHTS, top_k, top_p,
+                                             brute_force=text_brute_force(base_tok)))
+
+
+@pytest.mark.parametrize("base_kind, backbone_kind", PAIRS)
+def test_values_equal_retokenize_and_run_inside_generate(base_kind, backbone_kind):
+    base, base_tok, bank = cross_world(base_kind, backbone_kind)
+    mixer = vm.Mixer(bank, WEIGHTS, top_k=6, top_p=1.0, tokenizer=base_tok)
+    assert mixer.cross_tokenizer
+    recorder = Recorder(mixer)
+    run_generate(base, base_tok, recorder, new_tokens=6)  # two prompts of different lengths: left padding
+    assert isinstance(mixer.scorer, CrossTokenizerScorer) and len(recorder.calls) == 6
+    assert_mix_equals_text_brute_force(recorder, bank, base_tok, 6, 1.0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_backbone_families_and_adaptive_sets(family):
+    base, base_tok, bank = cross_world("unigram", "bpe", family)
+    mixer = vm.Mixer(bank, WEIGHTS, top_k=6, top_p=0.7, tokenizer=base_tok)
+    recorder = Recorder(mixer)
+    run_generate(base, base_tok, recorder, new_tokens=5)
+    assert_mix_equals_text_brute_force(recorder, bank, base_tok, 6, 0.7)
+
+
+def test_cache_expansion_fallback_with_tails_of_different_lengths():
+    base, base_tok, bank = cross_world("unigram", "bpe")
+    bank.tree_masks_ok = False  # as for an architecture that refuses custom 4D masks
+    recorder = Recorder(vm.Mixer(bank, WEIGHTS, top_k=6, top_p=1.0, tokenizer=base_tok))
+    run_generate(base, base_tok, recorder, new_tokens=5)
+    assert_mix_equals_text_brute_force(recorder, bank, base_tok, 6, 1.0)
+
+
+def test_a_retokenized_boundary_takes_back_cached_tokens_of_that_row_only():
+    """Row 0: "...the m" + "in" caches the backbone's "Ġm", "i" ("n" is the candidate's tail); + "e" retokenizes
+    them as "Ġm", "ine", so the row takes back its cached "i". Row 1 only grows."""
+    base, base_tok, bank = cross_world("unigram", "bpe")
+    vocab = base_tok.get_vocab()
+    scorer = CrossTokenizerScorer(bank, list(WEIGHTS), base_tok)
+    brute = text_brute_force(base_tok)
+    rows = base_tok(["the cat sat on the m", "hello world"], return_tensors="pt", padding=True).input_ids
+    for step in (["in", "▁on"], ["e", "▁on"]):
+        candidates = torch.tensor([[vocab[step[0]]], [vocab[step[1]]]])
+        got = scorer(rows, candidates)
+        torch.testing.assert_close(got, brute(bank, rows, None, candidates, list(WEIGHTS)), atol=1e-4, rtol=0)
+        rows = torch.cat([rows, candidates], dim=1)
+    assert bank.tokenizer.convert_ids_to_tokens(scorer.cached[0][-2:]) == ["Ġthe", "Ġm"]
+    assert scorer.taken_back == 1
+
+
+def test_own_loop_with_chat_template_and_the_fast_path_kept():
+    base, base_tok, bank = cross_world("word", "bpe")
+    mixer = vm.Mixer(bank, WEIGHTS, top_k=5, top_p=1.0, tokenizer=base_tok)
+    out = vm.generate(base, base_tok, ["hello world", "the cat"], mixer, max_new_tokens=4, chat_template=True)
+    assert [len(t) for t in out.token_ids] == [4, 4] and isinstance(mixer.scorer, CrossTokenizerScorer)
+    same = vm.Mixer(bank, WEIGHTS, tokenizer=bank.tokenizer)
+    vm.generate(build_model("llama", len(bank.tokenizer)), bank.tokenizer, ["hello"], same, max_new_tokens=2)
+    assert not same.cross_tokenizer and type(same.scorer) is CandidateScorer
+    with pytest.raises(ValueError, match="Tokenizer mismatch: the base model uses .* but this mixer was made for"):
+        vm.generate(base, build_tokenizer(kind="unigram"), ["hello"], mixer, max_new_tokens=2)
