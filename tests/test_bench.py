@@ -15,7 +15,8 @@ ROWS = ["plain", "plain (model.generate)", "reference VAS (1 head)", "valuemix 1
         "valuemix 4 heads (model.generate)", "valuemix 1 shared-trunk head", "valuemix 1 shared-trunk head (model.generate)",
         "valuemix 2 shared-trunk heads", "valuemix 2 shared-trunk heads (model.generate)", "valuemix 4 shared-trunk heads",
         "valuemix 4 shared-trunk heads (model.generate)", "valuemix 1 head, top-p 0.5",
-        "valuemix 1 head, top-p 0.5 (model.generate)"]
+        "valuemix 1 head, top-p 0.5 (model.generate)", "valuemix 1 head, cross-tokenizer path",
+        "valuemix 1 head, cross-tokenizer path (model.generate)"]
 
 
 def test_parser_defaults_match_config():
@@ -45,9 +46,10 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert [r["name"] for r in results["ratios"]] == [
         "reference VAS (1 head) / valuemix 1 head", "valuemix 4 heads / valuemix 1 head", "valuemix 1 head / plain",
         "valuemix 4 shared-trunk heads / valuemix 1 head", "valuemix 4 shared-trunk heads / valuemix 1 shared-trunk head",
-        "valuemix 1 head, top-p 0.5 / plain", "valuemix 1 head (model.generate) / valuemix 1 head",
+        "valuemix 1 head, top-p 0.5 / plain", "valuemix 1 head, cross-tokenizer path / valuemix 1 head",
+        "valuemix 1 head (model.generate) / valuemix 1 head",
         "valuemix 1 head, top-p 0.5 (model.generate) / valuemix 1 head, top-p 0.5",
-        "model.generate / own loop, geometric mean of the 7 valuemix rows"]
+        "model.generate / own loop, geometric mean of the 8 valuemix rows"]
     sizes = {r["name"]: r["mean_set_size"] for r in results["rows"]}
     assert 1 <= sizes["valuemix 1 head, top-p 0.5"] <= 5 and sizes["valuemix 1 head"] is None
     assert all(r["value"] > 0 for r in results["ratios"])
@@ -66,7 +68,7 @@ def test_bench_end_to_end(tmp_path, capsys):
 def test_batch_option_adds_rows(tmp_path):
     out = tmp_path / "bench.json"
     results = main(TINY + ["--batch", "1", "2", "--heads", "1", "--no-reference", "--no-train", "--no-hf-generate",
-                           "--lora-layers", "0",
+                           "--lora-layers", "0", "--no-cross-tokenizer",
                            "--top-p", "0.5", "--out", str(out)])
     assert [(r["name"], r["batch"]) for r in results["rows"]] == [
         ("plain", 1), ("valuemix 1 head", 1), ("valuemix 1 head, top-p 0.5", 1),

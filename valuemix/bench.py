@@ -14,6 +14,11 @@ masked out of the base logits, so every run generates exactly --new-tokens token
 Random models spread their probability thinly, so adaptive sets stay near the full top-k there;
 the demo world shows what a real instruction model's confidence saves.
 
+--cross-tokenizer (on by default) also times one head through the cross-tokenizer path
+(`compose.cross_tokenizer`) on the same models: the base's tokenizer is given to the mixer with one
+added token, so its fingerprint differs from the backbone's and every candidate is valued as text
+retokenized by the backbone (the added token never occurs, so the text and its tokens are the same).
+
 Reported per configuration: ms per generated token (median over --repeats runs after --warmup runs,
 the configurations interleaved round by round), from the wall time of the whole call (tokenisation,
 checks, prefill and decoding) divided by --new-tokens; the decoding loop alone is reported beside it
@@ -70,6 +75,8 @@ class BenchConfig:
                 "models; the shape flags are then ignored"})
     lora_layers: int = field(default=4, metadata={
         "help": "also time --heads shared-trunk heads with LoRA on this many top backbone layers (0: skip)"})
+    cross_tokenizer: bool = field(default=True, metadata={
+        "help": "also time one head through the cross-tokenizer path (candidates valued as retokenized text)"})
     hf_generate: bool = field(default=True, metadata={
         "help": "also time every configuration through transformers' model.generate(logits_processor=[mixer])"})
     new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})
@@ -292,19 +299,29 @@ class SetSizes:
         return scores
 
 
-def hf_generate(world: BenchWorld, prompts, processors, new_tokens: int, seed: int):
+def other_fingerprint(tokenizer):
+    """A copy of `tokenizer` with one added token: it tokenizes every text as before, but its fingerprint differs."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<valuemix-bench-unused>"])
+    return other
+
+
+def hf_generate(world: BenchWorld, prompts, processors, new_tokens: int, seed: int, tokenizer=None):
     """`model.generate` with `processors` (sampling, no other warper); a `Generation` whose seconds time the call."""
     from valuemix.compose.generate import Generation
     from valuemix.heads.tokens import encode_prompts
 
-    texts, input_ids, attention_mask = encode_prompts(world.tokenizer, prompts, world.chat_template)
+    tokenizer = tokenizer or world.tokenizer
+    texts, input_ids, attention_mask = encode_prompts(tokenizer, prompts, world.chat_template)
     device = world.base.device
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = world.base.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                               logits_processor=LogitsProcessorList(processors), do_sample=True, top_k=None,
                               top_p=None, temperature=1.0, max_new_tokens=new_tokens,
-                              pad_token_id=world.tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     return Generation(texts, [], out[:, input_ids.shape[1]:].tolist(), [], seconds)
 
@@ -323,20 +340,22 @@ def _decode_cases(cfg: BenchConfig, world: BenchWorld):
             return result, time.perf_counter() - start
         return run
 
-    def both(name, batch, n_heads, mixer):
+    def both(name, batch, n_heads, mixer, tokenizer=world.tokenizer):
         sizes = SetSizes(mixer) if mixer is not None and mixer.top_p < 1 else None
         own = [world.ban] + ([sizes] if sizes else [])
         cases.append((name, batch, n_heads, timed(lambda p: generate(
-            world.base, world.tokenizer, p, mixer, max_new_tokens=cfg.new_tokens, seed=cfg.seed,
+            world.base, tokenizer, p, mixer, max_new_tokens=cfg.new_tokens, seed=cfg.seed,
             logits_processors=own, chat_template=world.chat_template)), sizes))
         if cfg.hf_generate:
             processors = [world.ban] + ([mixer] if mixer is not None else [])
             cases.append((f"{name} (model.generate)", batch, n_heads, timed(lambda p: hf_generate(
-                world, p, processors, cfg.new_tokens, cfg.seed)), None))
+                world, p, processors, cfg.new_tokens, cfg.seed, tokenizer)), None))
 
-    def mixer(n_heads, top_p=1.0, heads=world.heads):
+    def mixer(n_heads, top_p=1.0, heads=world.heads, tokenizer=world.tokenizer):
         weights = {h: cfg.beta for h in heads[:n_heads]}
-        return Mixer(world.bank, weights, top_k=cfg.top_k, top_p=top_p, tokenizer=world.tokenizer)
+        return Mixer(world.bank, weights, top_k=cfg.top_k, top_p=top_p, tokenizer=tokenizer)
+
+    other = other_fingerprint(world.tokenizer) if cfg.cross_tokenizer else None
 
     cases = []
     for batch in cfg.batch:
@@ -352,6 +371,8 @@ def _decode_cases(cfg: BenchConfig, world: BenchWorld):
                  mixer(n_heads, heads=world.trunk_heads))
         for top_p in cfg.top_p:
             both(f"valuemix 1 head, top-p {top_p:g}", batch, 1, mixer(1, top_p))
+        if other is not None:
+            both("valuemix 1 head, cross-tokenizer path", batch, 1, mixer(1, tokenizer=other), other)
     return cases
 
 
@@ -404,6 +425,7 @@ def run(cfg: BenchConfig) -> dict:
                    (f"valuemix {n} shared-trunk heads", "valuemix 1 shared-trunk head", None, None)]
     adaptive_target = ("<= 1.6", lambda x: x <= 1.6) if cfg.demo else (None, None)
     wanted += [(f"valuemix 1 head, top-p {p:g}", "plain", *adaptive_target) for p in cfg.top_p]
+    wanted += [("valuemix 1 head, cross-tokenizer path", "valuemix 1 head", None, None)]
     if cfg.hf_generate:
         wanted += [(f"{name} (model.generate)", name, None, None)
                    for name in ("valuemix 1 head", *(f"valuemix 1 head, top-p {p:g}" for p in cfg.top_p))]
