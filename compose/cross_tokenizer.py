@@ -19,17 +19,7 @@ import torch
 
 from valuemix.compose.candidates import RowCache
 from valuemix.heads.bank import ValueBank
-from valuemix.heads.tokens import real_token_mask, retokenize
-
-
-def common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from valuemix.heads.tokens import common_length, real_token_mask, retokenize
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,6 +165,11 @@ class Mixer(LogitsProcessor):
             problem = coefficient_problem(self.bank.configs, name, beta)
             if problem:
                 raise ValueError(problem)
+            if self.cross_tokenizer and self.bank.configs[name].base_tokenizer is None:
+                raise ValueError(
+                    f"Head '{name}' was made for bases with the backbone's own tokenizer, not for "
+                    f"{describe_tokenizer(self.base_tokenizer)}: train a cross-tokenizer head on this base's samples "
+                    "with train_head(bank, name, samples, reward, base_tokenizer=base_tokenizer).")
         self.weights.update({name: float(beta) for name, beta in weights.items()})
 
     @property

@@ -111,6 +111,7 @@ def head_card(config: HeadConfig, source: str | None = None) -> ModelCard:
         backbone_revision=config.backbone_revision,
         base_model_id=config.base_model,
         tokenizer_fingerprint=config.tokenizer_fingerprint or "not recorded",
+        base_tokenizer=config.base_tokenizer,
         data_size=config.data_size,
         lam_text=lam_text,
         reward_mean=f"{config.reward_mean:.4g}",

@@ -28,6 +28,9 @@ class HeadConfig:
             there (`add_head(..., layers=n)` gives num_layers − n); 0: LoRA on every layer.
         base_model: the base model whose samples trained the head.
         tokenizer_fingerprint: hash of the tokenizer's vocabulary (see `tokenizer_fingerprint`).
+        base_tokenizer: fingerprint of the base's tokenizer when it is not the backbone's: the head was trained on
+            that base's samples retokenized as text (`train_head(..., base_tokenizer=...)`), for cross-tokenizer
+            mixing; None: made for bases with the backbone's own tokenizer.
         lam: the TD(λ) λ used in training (1.0 = Monte Carlo).
         data_size: number of (prompt, completion) samples trained on.
         reward_mean, reward_std: reward normalisation; values are in units of reward_std.
@@ -47,6 +50,7 @@ class HeadConfig:
     trunk_layers: int = 0
     base_model: str | None = None
     tokenizer_fingerprint: str = ""
+    base_tokenizer: str | None = None
     lam: float | None = None
     data_size: int = 0
     reward_mean: float = 0.0

@@ -74,3 +74,27 @@ def retokenize(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Ten
                          "set bank.tokenizer.pad_token = bank.tokenizer.eos_token.")
     enc = tokenizer(list(texts), add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def retokenize_samples(tokenizer, source_tokenizer, prompt_ids: Sequence[Sequence[int]],
+                       completion_ids: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and completions in `source_tokenizer`'s ids as `tokenizer` tokenizes their text (`retokenize`):
+    the completion is what follows, in the whole text's tokens, their common prefix with the prompt's own."""
+    def lists(texts):
+        ids, mask = retokenize(tokenizer, texts)
+        return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+    whole = lists(source_tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]))
+    prompts = lists(source_tokenizer.batch_decode([list(p) for p in prompt_ids]))
+    shared = [common_length(w, p) for w, p in zip(whole, prompts)]
+    return [w[:n] for w, n in zip(whole, shared)], [w[n:] for w, n in zip(whole, shared)]

@@ -32,8 +32,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.bank import ADAPTER, VALUE, ValueBank
 from valuemix.heads.compat import disable_checkpointing, enable_checkpointing
+from valuemix.heads.fingerprint import describe_tokenizer, tokenizer_fingerprint
 from valuemix.heads.loading import explain_out_of_memory
 from valuemix.heads.sampling import load_samples
+from valuemix.heads.tokens import retokenize_samples
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ def td_targets(values: torch.Tensor, rewards: torch.Tensor, states: torch.Tensor
 
 
 def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainConfig | None = None,
-               description: str | None = None, accelerator: Accelerator | None = None) -> dict:
+               description: str | None = None, accelerator: Accelerator | None = None,
+               base_tokenizer=None) -> dict:
     """Fit head `name` to the values of reward column `reward` of `samples` by TD(λ) regression.
 
     samples: a `datasets.Dataset` from `sample_base` + `score` (prompt_ids, completion_ids, reward column), or
@@ -121,11 +124,15 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     `accelerate launch` every process calls train_head on the same samples and only the main process
     should save the head. Returns the training metrics (also stored in the head's config): loss per
     logged step, final loss, steps, seconds and states per second.
+    base_tokenizer: the tokenizer of the base that made the samples, when it is not the backbone's: the samples
+    are then retokenized as text (`heads.tokens.retokenize_samples`) and the head is recorded as made for that
+    base (`HeadConfig.base_tokenizer`), for `Mixer(bank, weights, tokenizer=base_tokenizer)`.
     """
     config = config or TrainConfig()
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     bank.check_heads([name])
-    rewards, prompt_ids, completion_ids = _checked_data(bank, load_samples(samples), reward)
+    samples = load_samples(samples)
+    rewards, prompt_ids, completion_ids, base_fingerprint = _checked_data(bank, samples, reward, base_tokenizer)
     mean, std = _reward_stats(rewards) if config.normalize_rewards else (0.0, 1.0)
     targets = (rewards - mean) / std
     data = TrainingData(prompt_ids, completion_ids, targets)
@@ -189,6 +196,7 @@ def train_head(bank: ValueBank, name: str, samples, reward: str, config: TrainCo
     head.reward, head.lam, head.data_size = description or reward, config.lam, len(targets)
     head.reward_mean, head.reward_std = mean, std
     head.base_model = samples[0]["base_model"] if "base_model" in samples.column_names else head.base_model
+    head.base_tokenizer = base_fingerprint
     head.metrics = {k: v for k, v in metrics.items() if k != "loss_history"}
     logger.info("trained head %s: %s", name, head.metrics)
     return metrics
@@ -289,30 +297,38 @@ def _collate(prompts: list[list[int]], completions: list[list[int]], max_length:
     return input_ids, attention_mask, states
 
 
-def _checked_data(bank: ValueBank, samples, reward: str):
-    """(rewards (n,), prompt ids, completion ids) after checking the samples fit the bank."""
+def _checked_data(bank: ValueBank, samples, reward: str, base_tokenizer=None):
+    """(rewards (n,), prompt ids, completion ids, the base tokenizer's fingerprint or None) after checking the
+    samples fit the bank; samples of another tokenizer are retokenized with `base_tokenizer`."""
     missing = {"prompt_ids", "completion_ids", reward} - set(samples.column_names)
     if missing:
         raise ValueError(f"The samples have no column(s) {sorted(missing)}: make them with vm.sample_base and add "
                          f"the reward with vm.score(samples, {{'{reward}': reward_fn}}).")
     if len(samples) == 0:
         raise ValueError("The samples are empty: sample some completions with vm.sample_base first.")
-    if "tokenizer_fingerprint" in samples.column_names:
-        theirs = samples[0]["tokenizer_fingerprint"]
-        if theirs != bank.fingerprint:
-            raise ValueError(f"The samples were tokenized with tokenizer {theirs} but the bank's backbone "
-                             f"{bank.backbone_id} uses {bank.fingerprint}: sample with a base model that shares "
-                             "the backbone's tokenizer.")
+    theirs = samples[0]["tokenizer_fingerprint"] if "tokenizer_fingerprint" in samples.column_names else None
+    if base_tokenizer is not None and theirs is not None and tokenizer_fingerprint(base_tokenizer) != theirs:
+        raise ValueError(f"base_tokenizer is {describe_tokenizer(base_tokenizer)} but the samples were tokenized with "
+                         f"tokenizer {theirs}: pass the tokenizer of the base model that made the samples.")
+    theirs = theirs or (tokenizer_fingerprint(base_tokenizer) if base_tokenizer is not None else bank.fingerprint)
+    if theirs != bank.fingerprint and base_tokenizer is None:
+        raise ValueError(f"The samples were tokenized with tokenizer {theirs} but the bank's backbone "
+                         f"{bank.backbone_id} uses {bank.fingerprint}: pass train_head(..., base_tokenizer=<the base "
+                         "model's tokenizer>) to retokenize them as text (a cross-tokenizer head), or sample with a "
+                         "base model that shares the backbone's tokenizer.")
     rewards = torch.tensor(samples[reward], dtype=torch.float32)
     bad = (~torch.isfinite(rewards)).nonzero().flatten()
     if len(bad):
         raise ValueError(f"Reward '{reward}' is not a finite number at row {int(bad[0])}: fix the reward function "
                          "and re-run vm.score.")
-    completion_ids = samples["completion_ids"]
+    prompt_ids, completion_ids = samples["prompt_ids"], samples["completion_ids"]
+    cross = theirs != bank.fingerprint
+    if cross:
+        prompt_ids, completion_ids = retokenize_samples(bank.tokenizer, base_tokenizer, prompt_ids, completion_ids)
     empty = [i for i, c in enumerate(completion_ids) if not c]
     if empty:
         raise ValueError(f"Sample {empty[0]} has an empty completion: a value head needs completion tokens.")
-    return rewards, samples["prompt_ids"], completion_ids
+    return rewards, prompt_ids, completion_ids, theirs if cross else None
 
 
 def _reward_stats(rewards: torch.Tensor) -> tuple[float, float]:

@@ -8,7 +8,8 @@ from conftest import Recorder, assert_same_mix, build_model, build_tokenizer, ex
 import valuemix as vm
 from valuemix.compose.candidates import CandidateScorer
 from valuemix.compose.cross_tokenizer import CrossTokenizerScorer
-from valuemix.heads.tokens import real_token_mask
+from valuemix.heads.fingerprint import tokenizer_fingerprint
+from valuemix.heads.tokens import real_token_mask, retokenize_samples
 
 WEIGHTS = {"helpful": 2.0, "concise": -1.0}
 # (base's tokenizer, backbone's): byte-level BPE, whole words, SentencePiece-style unigram
@@ -19,6 +20,8 @@ def cross_world(base_kind, backbone_kind, family="llama"):
     base_tok = build_tokenizer(kind=base_kind)
     base = build_model(family, len(base_tok), seed=0)
     bank = make_bank(build_tokenizer(kind=backbone_kind, vocab_size=300), family, heads=tuple(WEIGHTS), layers=2)
+    for head in WEIGHTS:  # as train_head(..., base_tokenizer=base_tok) records it
+        bank.configs[head].base_tokenizer = tokenizer_fingerprint(base_tok)
     return base, base_tok, bank
 
 
@@ -98,3 +101,45 @@ def test_own_loop_with_chat_template_and_the_fast_path_kept():
     assert not same.cross_tokenizer and type(same.scorer) is CandidateScorer
     with pytest.raises(ValueError, match="Tokenizer mismatch: the base model uses .* but this mixer was made for"):
         vm.generate(base, build_tokenizer(kind="unigram"), ["hello"], mixer, max_new_tokens=2)
+
+
+def test_samples_retokenized_as_text_split_where_the_prompt_ends():
+    base_tok, backbone_tok = build_tokenizer(kind="unigram"), build_tokenizer(kind="bpe", vocab_size=300)
+    vocab = base_tok.get_vocab()
+    prompts = [base_tok("the cat sat on the m", add_special_tokens=False).input_ids + [vocab["in"]]]
+    completions = [[vocab["e"], vocab["▁on"]]]  # "...the min" + "e on": the backbone's "i", "n" become "ine"
+    got_prompts, got_completions = retokenize_samples(backbone_tok, base_tok, prompts, completions)
+    whole = backbone_tok(base_tok.decode(prompts[0] + completions[0]), add_special_tokens=False).input_ids
+    assert got_prompts[0] + got_completions[0] == whole
+    alone = backbone_tok(base_tok.decode(prompts[0]), add_special_tokens=False).input_ids
+    assert backbone_tok.convert_ids_to_tokens(alone[-3:]) == ["Ġm", "i", "n"]
+    assert got_prompts[0] == alone[:-2] and backbone_tok.convert_ids_to_tokens(got_completions[0])[0] == "ine"
+
+
+def test_train_a_cross_tokenizer_head_save_load_and_steer(tmp_path):
+    """Samples of a unigram base train a head on a BPE backbone; it is recorded as made for that base."""
+    from conftest import vowel_share
+
+    base_tok = build_tokenizer(kind="unigram")
+    base = build_model("llama", len(base_tok), seed=0)
+    bank = make_bank(build_tokenizer(kind="bpe", vocab_size=300), heads=(), layers=2)
+    samples = vm.score(vm.sample_base(base, base_tok, ["hello world", "the cat sat", "a happy day"], n_per_prompt=4,
+                                      max_new_tokens=6, seed=0, progress=False), {"vowels": vowel_share},
+                       progress=False)
+    bank.add_head("vowels")
+    with pytest.raises(ValueError, match=r"The samples were tokenized with tokenizer .* but the bank's backbone .* "
+                                         r"pass train_head\(\.\.\., base_tokenizer=<the base model's tokenizer>\)"):
+        vm.train_head(bank, "vowels", samples, "vowels")
+    with pytest.raises(ValueError, match="base_tokenizer is .* but the samples were tokenized with tokenizer"):
+        vm.train_head(bank, "vowels", samples, "vowels", base_tokenizer=bank.tokenizer)
+    vm.train_head(bank, "vowels", samples, "vowels", vm.TrainConfig(epochs=2, batch_size=4, progress=False),
+                  base_tokenizer=base_tok)
+    assert bank.configs["vowels"].base_tokenizer == tokenizer_fingerprint(base_tok)
+    folder = bank.save_head("vowels", tmp_path / "vowels")
+    assert tokenizer_fingerprint(base_tok) in (tmp_path / "vowels" / "README.md").read_text()
+    other = make_bank(bank.tokenizer, heads=(), layers=2)
+    other.load_head(folder)
+    assert other.configs["vowels"].base_tokenizer == tokenizer_fingerprint(base_tok)
+    out = vm.generate(base, base_tok, ["hello world"], vm.Mixer(other, {"vowels": 2.0}, tokenizer=base_tok),
+                      max_new_tokens=3)
+    assert len(out.token_ids[0]) == 3

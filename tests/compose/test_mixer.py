@@ -9,6 +9,7 @@ from conftest import (Recorder, assert_same_mix, build_model, build_tokenizer, e
 from transformers import LogitsProcessor, TopKLogitsWarper
 
 import valuemix as vm
+from valuemix.heads.fingerprint import tokenizer_fingerprint
 from valuemix.compose.candidates import VALUE_ATOL
 from valuemix.heads.tokens import real_token_mask
 
@@ -187,6 +188,11 @@ def test_bad_top_p_gets_a_clear_error(tok, top_p):
 def test_another_base_tokenizer_values_text(tok):
     """Given the base's tokenizer, a mixer whose backbone tokenizes otherwise values text (tests/compose/
     test_cross_tokenizer.py); without it, generate refuses the other tokenizer (test_generate)."""
-    bank = make_bank(tok)
-    assert vm.Mixer(bank, {"helpful": 1.0}, tokenizer=build_tokenizer(vocab_size=300)).cross_tokenizer
+    bank, other = make_bank(tok), build_tokenizer(vocab_size=300)
     assert not vm.Mixer(bank, {"helpful": 1.0}, tokenizer=tok).cross_tokenizer
+    with pytest.raises(ValueError, match=r"Head 'helpful' was made for bases with the backbone's own tokenizer, not "
+                                         r"for .*: train a cross-tokenizer head on this base's samples with "
+                                         r"train_head\(bank, name, samples, reward, base_tokenizer=base_tokenizer\)"):
+        vm.Mixer(bank, {"helpful": 1.0}, tokenizer=other)
+    bank.configs["helpful"].base_tokenizer = tokenizer_fingerprint(other)
+    assert vm.Mixer(bank, {"helpful": 1.0}, tokenizer=other).cross_tokenizer
