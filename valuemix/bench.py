@@ -356,6 +356,10 @@ def _decode_cases(cfg: BenchConfig, world: BenchWorld):
         return Mixer(world.bank, weights, top_k=cfg.top_k, top_p=top_p, tokenizer=tokenizer)
 
     other = other_fingerprint(world.tokenizer) if cfg.cross_tokenizer else None
+    if other is not None:  # in memory only: the timed head is taken as made for that tokenizer
+        from valuemix.heads.fingerprint import tokenizer_fingerprint
+
+        world.bank.configs[world.heads[0]].base_tokenizer = tokenizer_fingerprint(other)
 
     cases = []
     for batch in cfg.batch:
