@@ -11,9 +11,8 @@ each layer once per distinct (sequence, head whose LoRA has begun), the trunk on
 and copies the trunk's hidden states into each head's rows where its LoRA begins.
 
 A forward whose rows all run one head runs a copy of the backbone with that head's LoRA merged into
-its weights (`merge_single_head`): the same values without LoRA's extra matrix products, about a quarter
-faster per value forward on a CPU. The copy shares every tensor but the merged weights; it is kept for the
-last head asked for and rebuilt when that head's LoRA changes (training, `set_head_state`).
+its weights (`merge_single_head`, `MergedDecoder`): the same values without LoRA's extra matrix products,
+about a quarter faster per value forward on a CPU. The copy shares every tensor but the merged weights.
 """
 
 from __future__ import annotations
@@ -83,44 +82,55 @@ class TrunkSegment:
     heads: list[str]  # the adapter each row computed runs with (for a trunk row, a head not begun in these layers)
 
 
-class MergedHead:
-    """One head's LoRA merged into a copy of a peft-wrapped decoder: its LoRA'd layers become plain layers with
-    W + scale·BA, every other module shares the decoder's tensors. The copy is made once the head has run alone
-    `AFTER` times in a row (heads that alternate never pay for copies) and remade when its LoRA tensors change."""
+class MergedDecoder:
+    """A copy of a peft-wrapped decoder with plain layers in place of the LoRA-wrapped ones, into which one head's
+    LoRA at a time is merged (W + scale·BA, in weight buffers made once); every other tensor is the decoder's.
+
+    A head is merged once it has run alone `AFTER` times in a row (heads that alternate never pay for merges), and
+    again when its LoRA tensors change (training, `set_head_state`). A merge is one pass over the head's LoRA'd
+    weights, no allocation after the first; the last merged head stays ready while others run a few forwards.
+    """
 
     AFTER = 4
 
-    def __init__(self, decoder: nn.Module, head: str):
-        self.source, self.head, self.runs = decoder, head, 0
+    def __init__(self, decoder: nn.Module):
         self.wrapped = [(name, module) for name, module in decoder.named_modules() if isinstance(module, LoraLayer)]
-        own = [module.get_base_layer() for _, module in self.wrapped if head in module.lora_A]
-        self.mergeable = all(isinstance(layer, (nn.Linear, Conv1D)) and layer.weight.is_floating_point()
-                             for layer in own)
-        self.version, self.merged = None, None
-
-    def decoder(self) -> nn.Module | None:
-        """The merged copy, or None while the head has run alone fewer than `AFTER` times or cannot merge."""
-        self.runs += 1
-        if not self.mergeable or self.runs < self.AFTER:
-            return None
-        version = tuple((id(weight), weight._version) for _, module in self.wrapped if self.head in module.lora_A
-                        for weight in (module.lora_A[self.head].weight, module.lora_B[self.head].weight))
-        if version != self.version:
-            self.merged, self.version = None, version
-            self.merged = self._merge()
-        return self.merged
-
-    def _merge(self) -> nn.Module:
-        shared = {id(t): t for t in itertools.chain(self.source.parameters(), self.source.buffers())}
+        shared = {id(t): t for t in itertools.chain(decoder.parameters(), decoder.buffers())}
         with torch.inference_mode(False), torch.no_grad():
-            merged = copy.deepcopy(self.source, memo=dict(shared))  # the modules copied, their tensors shared
+            self.decoder = copy.deepcopy(decoder, memo=dict(shared))  # the modules copied, their tensors shared
+            self.layers = {}
             for name, module in self.wrapped:
-                layer = module.get_base_layer()
-                if self.head in module.lora_A:
-                    weight = nn.Parameter(layer.weight + module.get_delta_weight(self.head), requires_grad=False)
-                    layer = copy.deepcopy(layer, memo={**shared, id(layer.weight): weight})
-                merged.set_submodule(name, layer)
-        return merged
+                self.layers[name] = copy.deepcopy(module.get_base_layer(), memo=dict(shared))
+                self.decoder.set_submodule(name, self.layers[name])
+        self.weights: dict[str, nn.Parameter] = {}  # the merge buffers, by module name
+        self.head, self.version = None, None  # the head merged now, and its LoRA tensors' versions then
+        self.candidate, self.streak = None, 0  # the head running alone lately, and how many times in a row
+
+    def for_head(self, head: str) -> nn.Module | None:
+        """The decoder with `head` merged in, or None while it has run alone fewer than `AFTER` times in a row or its
+        layers cannot merge (quantized)."""
+        own = [(name, module) for name, module in self.wrapped if head in module.lora_A]
+        version = tuple((id(w), w._version) for _, module in own for w in (module.lora_A[head].weight,
+                                                                            module.lora_B[head].weight))
+        if head == self.head and version == self.version:
+            return self.decoder
+        self.streak = self.streak + 1 if head == self.candidate else 1
+        self.candidate = head
+        if self.streak < self.AFTER or not all(isinstance(m.get_base_layer(), (nn.Linear, Conv1D))
+                                               and m.get_base_layer().weight.is_floating_point() for _, m in own):
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            for name, module in self.wrapped:
+                base = module.get_base_layer().weight
+                if head in module.lora_A:
+                    if name not in self.weights:
+                        self.weights[name] = nn.Parameter(torch.empty_like(base), requires_grad=False)
+                    torch.add(base, module.get_delta_weight(head), out=self.weights[name])
+                    self.layers[name].weight = self.weights[name]
+                else:
+                    self.layers[name].weight = base
+        self.head, self.version = head, version
+        return self.decoder
 
 
 def few(items, n: int = 3) -> str:
@@ -190,7 +200,7 @@ class ValueBank:
         self.trunk_sharing_ok: bool | None = None  # set by the first forward that could share a trunk
         self._plans: dict = {}  # trunk plans by rows (see trunk_plan)
         self.merge_single_head = merge_single_head and not quantization
-        self._merged: MergedHead | None = None  # the last head that ran alone (see merged_decoder)
+        self._merged: MergedDecoder | None = None  # made by the first forward of one head alone (merged_decoder)
 
     # ------------------------------------------------------------------ heads
     @property
@@ -392,15 +402,14 @@ class ValueBank:
         return self.model, {}
 
     def merged_decoder(self, head: str) -> nn.Module | None:
-        """The decoder with head `head`'s LoRA merged into its weights (see `MergedHead`), or None: while gradients
+        """The decoder with head `head`'s LoRA merged into its weights (see `MergedDecoder`), or None: while gradients
         are recorded (training needs the LoRA), with `merge_single_head=False`, or where the head's layers cannot
         merge (quantized)."""
         if not self.merge_single_head or torch.is_grad_enabled():
             return None
-        if self._merged is None or self._merged.head != head:
-            self._merged = None  # free the old copy first
-            self._merged = MergedHead(self.decoder, head)
-        return self._merged.decoder()
+        if self._merged is None:
+            self._merged = MergedDecoder(self.decoder)
+        return self._merged.for_head(head)
 
     def _forward(self, model, inputs, attention_mask, position_ids, routing, cache, embedded=False) -> torch.Tensor:
         feed = {"inputs_embeds": inputs} if embedded else {"input_ids": inputs}
