@@ -22,11 +22,10 @@ import torch
 
 from valuemix.compose.generate import Generation, Stream, TextPiece, step_kl, streamed
 from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, read_mix
+from valuemix.heads.api import OPENAI_INSTALL, TOKEN_ID
 from valuemix.heads.files import read_head_config
 from valuemix.heads.tokens import encode_prompts
 
-OPENAI_INSTALL = "pip install openai"
-TOKEN_ID = "token_id:"  # how vLLM names tokens with return_tokens_as_token_ids
 
 
 class ServedModel:

@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from valuemix.heads.api import APIBase
 from valuemix.heads.atomic import atomic_directory
 from valuemix.heads.fingerprint import describe_tokenizer, model_name, tokenizer_fingerprint, weights_fingerprint
 from valuemix.heads.loading import explain_out_of_memory
@@ -74,6 +75,9 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
                 progress: bool = True) -> datasets.Dataset:
     """Sample `n_per_prompt` completions per prompt from the frozen base model.
 
+    base: a causal LM, or an `APIBase` (`heads.api`: a model behind an OpenAI-compatible server), asked for each
+    prompt's completions in one request.
+
     Returns a Dataset of `len(prompts) * n_per_prompt` rows, prompt-major (all repeats of prompt 0
     first), with columns `prompt` (the text given), `completion` (decoded, special tokens skipped),
     `prompt_ids` (the tokens the model saw, no padding), `completion_ids` (generated tokens up to and
@@ -103,24 +107,29 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
     if tokenizer.pad_token_id is None:
         raise ValueError(f"tokenizer {describe_tokenizer(tokenizer)} has no pad token; "
                          "set tokenizer.pad_token = tokenizer.eos_token before sampling")
-    n_embeddings = base.get_input_embeddings().num_embeddings
-    max_id = max(tokenizer.get_vocab().values())
-    if max_id >= n_embeddings:
-        raise ValueError(f"tokenizer {describe_tokenizer(tokenizer)} does not belong to model {model_name(base)}: "
-                         f"it has token id {max_id} but the model embeds only {n_embeddings} tokens; "
-                         "load the tokenizer saved with the model")
+    api = isinstance(base, APIBase)
+    if not api:
+        n_embeddings = base.get_input_embeddings().num_embeddings
+        max_id = max(tokenizer.get_vocab().values())
+        if max_id >= n_embeddings:
+            raise ValueError(f"tokenizer {describe_tokenizer(tokenizer)} does not belong to model "
+                             f"{model_name(base)}: it has token id {max_id} but the model embeds only {n_embeddings} "
+                             "tokens; load the tokenizer saved with the model")
 
     encoded = tokenize_prompts(tokenizer, prompts, chat_template)
-    check_context(base, [len(ids) for ids in encoded], max_new_tokens)
+    if not api:
+        check_context(base, [len(ids) for ids in encoded], max_new_tokens)
     settings = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                     max_new_tokens=int(max_new_tokens), seed=int(seed), chat_template=bool(chat_template),
-                    base_model=model_name(base), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+                    base_model=base.model if api else model_name(base),
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
 
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps({
             "format": _CACHE_FORMAT, "prompts": prompts, "prompt_ids": encoded, "settings": settings,
-            "n_per_prompt": n_per_prompt, "batch_size": batch_size, "weights": weights_fingerprint(base),
+            "n_per_prompt": n_per_prompt, "batch_size": batch_size,
+            "weights": f"{base.base_url} {base.model}" if api else weights_fingerprint(base),
         }).encode()).hexdigest()[:32]
         path = os.path.join(os.fspath(cache_dir), key)
         if os.path.isdir(path):
@@ -128,7 +137,10 @@ def sample_base(base, tokenizer, prompts: Sequence[str], n_per_prompt: int = 4, 
             return datasets.load_from_disk(path)
 
     state = process_state()  # one process, or one of `accelerate launch`'s
-    rows = _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state)
+    if api:
+        rows = _sample_api(base, tokenizer, prompts, encoded, n_per_prompt, progress, settings)
+    else:
+        rows = _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progress, settings, state)
     dataset = datasets.Dataset.from_list(rows, features=FEATURES)
     if path is not None and state.is_main_process:
         _save_atomically(dataset, path)
@@ -221,6 +233,20 @@ def _generate(base, tokenizer, prompts, encoded, n_per_prompt, batch_size, progr
                 )))
             bar.update(len(batch) * state.num_processes)
     return [row for _, row in sorted(gather_object(rows), key=lambda item: item[0])]
+
+
+def _sample_api(api, tokenizer, prompts, encoded, n_per_prompt, progress, settings) -> list[dict]:
+    """Sample each prompt's `n_per_prompt` completions in one request to an API base (seed: (seed, prompt))."""
+    rows = []
+    for i in tqdm(range(len(prompts)), desc="sampling (API)", disable=not progress):
+        seed = int(np.random.SeedSequence([settings["seed"], i]).generate_state(1)[0]) % 2**31
+        for completion_ids, finished in api.sample(encoded[i], n_per_prompt, settings["max_new_tokens"],
+                                                   settings["temperature"], settings["top_k"], settings["top_p"],
+                                                   seed):
+            rows.append(dict(prompt=prompts[i], completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
+                             prompt_ids=encoded[i], completion_ids=completion_ids, finished=finished, prompt_index=i,
+                             **settings))
+    return rows
 
 
 def _save_atomically(dataset: datasets.Dataset, path: str) -> None:

@@ -314,3 +314,113 @@ def test_the_app_names_a_server_that_does_not_answer(served):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=f"No server answers at {dead}/v1"):
         ui_main(["--server", dead, "--base", folder, "--heads", str(HEADS_DIR / "concise")])
+
+
+# ------------------------------------------------- an API base: the server samples nothing, the mix runs here
+@pytest.fixture(scope="module")
+def api(served, server):
+    """The served SmolLM2 as an API base (heads.api), and the demo world whose heads steer it."""
+    from valuemix.heads.api import APIBase
+    from valuemix.demo import load_demo
+
+    folder, tokenizer, _ = served
+    return APIBase(server[0], folder, tokenizer, backoff=0.0), load_demo(heads=("cheerful", "unlearn"))
+
+
+def test_beta_zero_on_an_api_base_is_the_servers_own_top_k_sampling_distribution(served, api):
+    """The raw top-k log-probabilities, truncated by a head-less Mixer, equal the distribution the server samples
+    from with top_k=k (its processed logprobs)."""
+    folder, tokenizer, _ = served
+    api_base, world = api
+    mixer = vm.Mixer(world.bank, {}, top_k=20, top_p=1.0, tokenizer=tokenizer)
+    for request in PROMPTS[:2]:
+        ids = tokenizer(chat(tokenizer, request), add_special_tokens=False).input_ids
+        top, logprobs = api_base.top_logprobs(ids, 20)
+        scores = torch.full((1, len(tokenizer)), -math.inf)
+        scores[0, top] = torch.tensor(logprobs)
+        ours = torch.log_softmax(mixer(torch.tensor([ids]), scores), -1)[0, top]
+        reply = api_base.client.completions.create(model=folder, prompt=ids, max_tokens=1, temperature=1.0,
+                                                   logprobs=20, extra_body={"top_k": 20,
+                                                                            "return_tokens_as_token_ids": True})
+        theirs = {int(k.removeprefix("token_id:")): v for k, v in reply.choices[0].logprobs.top_logprobs[0].items()}
+        assert set(theirs) == set(top)
+        torch.testing.assert_close(ours, torch.tensor([theirs[t] for t in top]), atol=1e-4, rtol=0)
+
+
+def test_the_demo_heads_steer_an_api_base_as_they_steer_the_local_base(api):
+    """cheerful (β 8) and unlearn (β 4) raise their rewards on the API path, and the API path's mean reward is
+    within two standard errors of the local path's with the same mixer settings (measured: see the issue note)."""
+    from valuemix.compose.api_generate import api_generate
+
+    api_base, world = api
+    prompts = world.prompts[:8]
+    for head, beta in (("cheerful", 8.0), ("unlearn", 4.0)):
+        reward = world.rewards[head]
+        means = {}
+        for b in (0.0, beta):
+            mixer = vm.Mixer(world.bank, {head: b}, top_k=20, top_p=1.0, tokenizer=world.tokenizer)
+            out = api_generate(api_base, prompts, mixer, max_new_tokens=16, seed=0, chat_template=True)
+            assert out.cost.calls == sum(len(t) for t in out.token_ids) and out.cost.retries == 0
+            means[b] = torch.tensor(reward(prompts, out.texts), dtype=torch.float64)
+        local = vm.generate(world.base, world.tokenizer, prompts,
+                            vm.Mixer(world.bank, {head: beta}, top_k=20, top_p=1.0, tokenizer=world.tokenizer),
+                            max_new_tokens=16, seed=0, chat_template=True)
+        local_rewards = torch.tensor(reward(prompts, local.texts), dtype=torch.float64)
+        steered = means[beta]
+        assert steered.mean() >= means[0.0].mean() + (0.05 if head == "cheerful" else 0.0), (head, means)
+        error = (steered.var() / len(steered) + local_rewards.var() / len(local_rewards)).sqrt()
+        assert (steered.mean() - local_rewards.mean()).abs() <= 2 * error + 1e-9, (head, steered, local_rewards)
+
+
+def test_an_api_generation_reports_its_cost_and_resumes_from_its_text(api):
+    from valuemix.compose.api_generate import api_generate
+
+    api_base, world = api
+    mixer = vm.Mixer(world.bank, {"cheerful": 4.0}, top_k=10, tokenizer=world.tokenizer)
+    first = api_generate(api_base, PROMPTS[:2], mixer, max_new_tokens=4, chat_template=True)
+    cost = first.cost.per_token()
+    assert cost["calls"] == 1.0 and cost["prompt_tokens"] > 10 and cost["seconds"] > 0
+    more = api_generate(api_base, PROMPTS[:2], mixer, max_new_tokens=3, chat_template=True, resume=first.texts)
+    eos = world.tokenizer.eos_token_id
+    for before, after, text, ids in zip(first.texts, more.texts, first.token_ids, more.token_ids):
+        assert after.startswith(before)
+        resumed = len(world.tokenizer(before, add_special_tokens=False).input_ids)
+        assert len(ids) - resumed == 3 or (ids[-1] == eos and len(ids) > resumed) or text[-1] == eos
+
+
+def test_an_api_base_explains_server_errors_and_the_server_keeps_serving(served, api):
+    from valuemix.compose.api_generate import api_generate
+    from valuemix.heads.api import APIBase
+
+    folder, tokenizer, _ = served
+    api_base, world = api
+    with pytest.raises(ConnectionError, match=r"did not answer after 2 attempts .*check that it runs"):
+        APIBase(f"http://127.0.0.1:{free_port()}", folder, tokenizer, max_retries=1, backoff=0.0, timeout=5)
+    with pytest.raises(ValueError, match=r"serves .*, not 'no-such-model': pass one of those as model"):
+        APIBase(api_base.base_url, "no-such-model", tokenizer)
+    too_many = vm.Mixer(world.bank, {"cheerful": 1.0}, top_k=50, tokenizer=world.tokenizer)
+    with pytest.raises(ValueError, match=r"refused the request \(HTTP 400\): .*logprobs"):
+        api_generate(api_base, PROMPTS[:1], too_many, max_new_tokens=2, chat_template=True)
+    ok = api_generate(api_base, PROMPTS[:1], vm.Mixer(world.bank, {}, tokenizer=world.tokenizer), max_new_tokens=2)
+    assert len(ok.token_ids[0]) == 2
+
+
+def test_sample_base_on_an_api_base_gives_training_samples(served, api):
+    """`sample_base` on an API base: the same columns as from a local base, one request per prompt, reproducible."""
+    _, tokenizer, _ = served
+    api_base, _ = api
+    calls = api_base.cost.calls
+    samples = vm.sample_base(api_base, tokenizer, PROMPTS[:2], n_per_prompt=3, max_new_tokens=8, seed=0,
+                             chat_template=True, progress=False)
+    assert api_base.cost.calls - calls == 2 and len(samples) == 6 and samples["prompt_index"] == [0, 0, 0, 1, 1, 1]
+    eos = tokenizer.eos_token_id
+    for row in samples:
+        assert 1 <= len(row["completion_ids"]) <= 8 + row["finished"]
+        assert row["finished"] == (row["completion_ids"][-1] == eos) and eos not in row["completion_ids"][:-1]
+        assert row["completion"] == tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+        assert row["prompt_ids"] == tokenizer(chat(tokenizer, PROMPTS[row["prompt_index"]]),
+                                              add_special_tokens=False).input_ids
+    assert len({tuple(r["completion_ids"]) for r in samples}) > 2  # the repeats differ
+    again = vm.sample_base(api_base, tokenizer, PROMPTS[:2], n_per_prompt=3, max_new_tokens=8, seed=0,
+                           chat_template=True, progress=False)
+    assert again["completion_ids"] == samples["completion_ids"]
