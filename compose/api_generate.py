@@ -18,13 +18,13 @@ chat template, the prompt's ids and EOS.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from valuemix.compose.generate import Generation, step_kl
+from valuemix.compose.generate import Generation, Stream, TextPiece, step_kl, streamed
 from valuemix.compose.mixer import Mixer
 from valuemix.heads.api import APIBase, APICost
 from valuemix.heads.tokens import encode_prompts
@@ -39,8 +39,10 @@ class APIGeneration(Generation):
 
 def api_generate(api: APIBase, prompts: Sequence[str], mixer: Mixer, *, max_new_tokens: int = 64,
                  temperature: float = 1.0, seed: int = 0, chat_template: bool = False,
-                 resume: Sequence[str] | None = None, workers: int = 8) -> APIGeneration:
-    """Generate from an API base with a `Mixer` (see the module docstring); returns an `APIGeneration`.
+                 resume: Sequence[str] | None = None, workers: int = 8, stream: bool = False
+                 ) -> APIGeneration | Stream:
+    """Generate from an API base with a `Mixer` (see the module docstring); returns an `APIGeneration`, or with
+    `stream=True` a `Stream` of `TextPiece`s whose `.result` is that `APIGeneration` once exhausted.
 
     resume: completions so far, one text per prompt (e.g. a previous result's `texts`): generation continues
         after them, for up to `max_new_tokens` more tokens; the returned texts and ids are the whole completions.
@@ -55,36 +57,43 @@ def api_generate(api: APIBase, prompts: Sequence[str], mixer: Mixer, *, max_new_
         raise ValueError(f"resume has {len(resume)} completions for {len(texts)} prompts: give one text per prompt.")
     rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, mask)]
     done = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in resume] if resume else [[] for _ in rows]
-    eos = {tokenizer.eos_token_id}
-    alive = [not (d and d[-1] in eos) for d in done]
-    new = [[] for _ in rows]
-    kls = [0.0] * len(rows)
-    generator = torch.Generator().manual_seed(seed)
-    before, start = replace(api.cost), time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
-        for _ in range(max_new_tokens):
-            running = [i for i, a in enumerate(alive) if a]
-            if not running:
-                break
-            tops = dict(zip(running, pool.map(lambda i: api.top_logprobs(rows[i] + done[i] + new[i], mixer.top_k),
-                                              running)))
-            sequences = [rows[i] + done[i] + new[i] for i in range(len(rows))]
-            width = max(map(len, sequences))
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])
-            scores = torch.full((len(rows), len(tokenizer)), -torch.inf)
-            for i in range(len(rows)):  # a finished row: its EOS as the only candidate (nothing is valued for it)
-                ids, logprobs = tops.get(i, ([tokenizer.eos_token_id], [0.0]))
-                scores[i, ids] = torch.tensor(logprobs)
-            mixed, reference = mixer(input_ids, scores) / temperature, mixer.reference(scores) / temperature
-            kl = step_kl(mixed, reference)
-            tokens = torch.multinomial(torch.softmax(mixed, -1), 1, generator=generator).squeeze(1).tolist()
-            for i in running:
-                new[i].append(tokens[i])
-                kls[i] += float(kl[i])
-                alive[i] = tokens[i] not in eos
-    api.cost.seconds += time.perf_counter() - start
-    api.cost.new_tokens += sum(map(len, new))
-    cost = api.cost.since(before)
-    ids = [d + n for d, n in zip(done, new)]
-    return APIGeneration(list(texts), tokenizer.batch_decode(ids, skip_special_tokens=True), ids, kls,
-                         cost.seconds, cost=cost)
+
+    def pieces(out: Stream) -> Iterator[TextPiece]:
+        eos = tokenizer.eos_token_id
+        alive = [not (d and d[-1] == eos) for d in done]
+        new, kls = [[] for _ in rows], [0.0] * len(rows)
+        shown = [tokenizer.decode(d, skip_special_tokens=True) for d in done]
+        generator = torch.Generator().manual_seed(seed)
+        before, start = replace(api.cost), time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
+            for _ in range(max_new_tokens):
+                running = [i for i, a in enumerate(alive) if a]
+                if not running:
+                    break
+                tops = dict(zip(running, pool.map(
+                    lambda i: api.top_logprobs(rows[i] + done[i] + new[i], mixer.top_k), running)))
+                sequences = [rows[i] + done[i] + new[i] for i in range(len(rows))]
+                width = max(map(len, sequences))
+                input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])
+                scores = torch.full((len(rows), len(tokenizer)), -torch.inf)
+                for i in range(len(rows)):  # a finished row: its EOS as the only candidate (nothing is valued for it)
+                    ids, logprobs = tops.get(i, ([eos], [0.0]))
+                    scores[i, ids] = torch.tensor(logprobs)
+                mixed, reference = mixer(input_ids, scores) / temperature, mixer.reference(scores) / temperature
+                kl = step_kl(mixed, reference)
+                tokens = torch.multinomial(torch.softmax(mixed, -1), 1, generator=generator).squeeze(1).tolist()
+                for i in running:
+                    new[i].append(tokens[i])
+                    kls[i] += float(kl[i])
+                    alive[i] = tokens[i] != eos
+                    text = tokenizer.decode(done[i] + new[i], skip_special_tokens=True)
+                    if text != shown[i] and text.startswith(shown[i]):
+                        yield TextPiece(i, text[len(shown[i]):])
+                        shown[i] = text
+        api.cost.seconds += time.perf_counter() - start
+        api.cost.new_tokens += sum(map(len, new))
+        ids = [d + n for d, n in zip(done, new)]
+        out.result = APIGeneration(list(texts), tokenizer.batch_decode(ids, skip_special_tokens=True), ids, kls,
+                                   time.perf_counter() - start, cost=api.cost.since(before))
+
+    return streamed(pieces, stream)

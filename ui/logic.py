@@ -24,9 +24,11 @@ from urllib.parse import parse_qsl, urlencode
 
 import torch
 
+from valuemix.compose.api_generate import api_generate
 from valuemix.compose.generate import generate
 from valuemix.compose.mixer import DEFAULT_TOP_P, Mixer, read_mix
 from valuemix.compose.remote import ServedModel
+from valuemix.heads.api import APIBase
 from valuemix.heads.tokens import encode_prompts
 
 MAX_NEW_TOKENS = 256  # longest reply a request may ask for
@@ -44,7 +46,8 @@ class AppParts:
     """What the app steers.
 
     Attributes:
-        base: the base causal LM; None when `bank` is a served model.
+        base: the base causal LM, or an `heads.api.APIBase` (a base behind an OpenAI-compatible server, steered
+            here step by step); None when `bank` is a served model.
         tokenizer: its tokenizer (shared with the value backbone).
         bank: the value bank with the heads the sliders drive, or a `compose.remote.ServedModel` (a model
             served with its heads by `valuemix serve`), which then generates every reply.
@@ -240,6 +243,10 @@ def score_outputs(rewards: Mapping[str, Callable], prompt: str, texts: list[str]
 
 
 def _stream(parts: AppParts, request: MixRequest, weights: Mapping[str, float]):
+    if isinstance(parts.base, APIBase):
+        mixer = Mixer(parts.bank, weights, top_k=parts.top_k, top_p=parts.top_p, tokenizer=parts.tokenizer)
+        return api_generate(parts.base, [request.prompt], mixer, max_new_tokens=request.max_new_tokens,
+                            seed=request.seed, chat_template=parts.chat_template, stream=True)
     if isinstance(parts.bank, ServedModel):
         return parts.bank.generate([request.prompt], weights, max_new_tokens=request.max_new_tokens, seed=request.seed,
                                    top_k=parts.top_k, top_p=parts.top_p, chat_template=parts.chat_template,
@@ -367,8 +374,13 @@ def explain_step(parts: AppParts, outcome: Outcome, step: int) -> list[dict]:
         raise RequestError(f"Step {step!r} is not a step of the mixed reply (0 to {len(ids) - 1}).")
     _, prompt_ids, _ = encode_prompts(parts.tokenizer, [outcome.request.prompt], parts.chat_template)
     prefix = torch.cat([prompt_ids, torch.tensor([ids[:step]], dtype=prompt_ids.dtype)], dim=1)
-    prefix = prefix.to(parts.base.device)
-    scores = parts.base(input_ids=prefix, attention_mask=torch.ones_like(prefix)).logits[:, -1].float()
+    if isinstance(parts.base, APIBase):  # the base's top-k log-probabilities are all the API gives
+        top, logprobs = parts.base.top_logprobs(prefix[0].tolist(), parts.top_k)
+        scores = torch.full((1, len(parts.tokenizer)), -math.inf)
+        scores[0, top] = torch.tensor(logprobs)
+    else:
+        prefix = prefix.to(parts.base.device)
+        scores = parts.base(input_ids=prefix, attention_mask=torch.ones_like(prefix)).logits[:, -1].float()
     weights = outcome.request.weights
     mixer = Mixer(parts.bank, weights, top_k=parts.top_k, top_p=parts.top_p, tokenizer=parts.tokenizer)
     candidates, base_logits, in_set, values = mixer.candidate_values(prefix, scores)

@@ -56,18 +56,29 @@ class ModelArgs:
 
 def load_models(args: ModelArgs):
     """(base, tokenizer, bank with the heads loaded) from the flags."""
+    from valuemix.heads.loading import load_base
+
+    require_backbone(args)  # before loading the base
+    base, tokenizer = load_base(absolute_if_folder(args.base), args.device, args.dtype)
+    return base, tokenizer, load_bank(args)
+
+
+def require_backbone(args: ModelArgs) -> None:
     if not args.backbone:
         raise ValueError("--backbone is required: the value backbone the heads were trained on (a folder or Hub id).")
+
+
+def load_bank(args: ModelArgs):
+    """The value bank with the heads loaded, from the flags."""
+    require_backbone(args)
     import torch
 
     from valuemix.heads.bank import ValueBank
-    from valuemix.heads.loading import load_base
 
-    base, tokenizer = load_base(absolute_if_folder(args.base), args.device, args.dtype)
     bank = ValueBank(absolute_if_folder(args.backbone), dtype=getattr(torch, args.dtype), device=args.device,
                      num_layers=args.num_layers)
     bank.load_head([absolute_if_folder(h) for h in args.heads])
-    return base, tokenizer, bank
+    return bank
 
 
 # ------------------------------------------------------------------------------------------ sample

@@ -6,6 +6,10 @@
     valuemix ui --server http://127.0.0.1:8000 --base HuggingFaceTB/SmolLM2-135M-Instruct \\
                 --heads runs/heads/short alice/vm-polite --chat-template     # replies from `valuemix serve`
 
+    valuemix ui --api-base http://127.0.0.1:8000/v1 --model NAME --base HuggingFaceTB/SmolLM2-135M-Instruct \\
+                --backbone HuggingFaceTB/SmolLM2-135M-Instruct --heads runs/heads/short --chat-template
+                # a base behind an OpenAI-compatible API (vLLM), steered here (--base: its tokenizer)
+
 Serves on http://127.0.0.1:7860 (--host 0.0.0.0 to serve other machines; --share for a public gradio link).
 The same app answers HTTP API calls: gradio_client.Client(URL).predict(prompt, weights, max_new_tokens,
 seed, api_name="/generate").
@@ -50,6 +54,12 @@ class UiArgs:
     server: str | None = field(default=None, metadata={"metavar": "URL",
         "help": "generate on this `valuemix serve` server (started with the same --heads); the app then loads "
                 "only --base's tokenizer and the heads' configs, and needs no --backbone"})
+    api_base: str | None = field(default=None, metadata={"metavar": "URL",
+        "help": "steer a base behind this OpenAI-compatible completions API (e.g. vLLM's), which gives each next "
+                "token's top-k log-probabilities; the heads run here on --backbone, and --base gives only the "
+                "base's tokenizer"})
+    model: str | None = field(default=None, metadata={"metavar": "NAME",
+        "help": "the model name on --api-base (default: the server's only model)"})
 
 
 def require_gradio():
@@ -94,6 +104,14 @@ def ui_main(argv=None):
 
         base, tokenizer = None, AutoTokenizer.from_pretrained(absolute_if_folder(models.base))
         bank = ServedModel(args.server, [absolute_if_folder(h) for h in models.heads], tokenizer)
+    elif args.api_base:
+        from transformers import AutoTokenizer
+
+        from valuemix.commands import load_bank
+        from valuemix.heads.api import APIBase
+
+        tokenizer = AutoTokenizer.from_pretrained(absolute_if_folder(models.base))
+        base, bank = APIBase(args.api_base, args.model, tokenizer), load_bank(models)
     else:
         base, tokenizer, bank = load_models(models)
     rewards = {}

@@ -424,3 +424,28 @@ def test_sample_base_on_an_api_base_gives_training_samples(served, api):
     again = vm.sample_base(api_base, tokenizer, PROMPTS[:2], n_per_prompt=3, max_new_tokens=8, seed=0,
                            chat_template=True, progress=False)
     assert again["completion_ids"] == samples["completion_ids"]
+
+
+def test_the_slider_app_steers_an_api_base(served, server, api):
+    """`valuemix ui --api-base`: the app's replies come from api_generate with the local heads; 'why this token'
+    explains a step from the server's top-k log-probabilities."""
+    from valuemix.compose.api_generate import api_generate
+    from valuemix.ui_command import ui_main
+
+    folder, tokenizer, _ = served
+    api_base, world = api
+    parts = AppParts(api_base, tokenizer, world.bank, {"cheerful": world.rewards["cheerful"]}, chat_template=True)
+    with serving(parts) as url:
+        text, result = Client(url, verbose=False).predict(PROMPTS[0], '{"cheerful": 8.0}', 8, 1, api_name="/generate")
+    mixer = vm.Mixer(world.bank, {"cheerful": 8.0}, tokenizer=tokenizer)
+    direct = api_generate(api_base, [PROMPTS[0]], mixer, max_new_tokens=8, seed=1, chat_template=True)
+    assert text == direct.texts[0] and result["kl"] == pytest.approx(direct.kl[0], abs=1e-3)
+    outcome = run_mix_once(parts, validate_request(parts, PROMPTS[0], {"cheerful": 8.0}, 8, 1))
+    rows = explain_step(parts, outcome, 0)
+    assert sum(r["chosen"] for r in rows) == 1 and 2 <= len(rows) <= 20  # the set: the nucleus of the top-20
+    kept = [r for r in rows if math.isfinite(r["final_logit"])]
+    assert kept and all(r["final_logit"] == pytest.approx(r["base_logit"] + r["contributions"]["cheerful"], abs=1e-3)
+                        for r in kept)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"The server at {dead}/v1 did not answer after 4 attempts"):
+        ui_main(["--api-base", dead, "--base", folder, "--backbone", folder, "--heads", str(HEADS_DIR / "cheerful")])
