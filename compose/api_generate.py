@@ -27,7 +27,7 @@ import torch
 from valuemix.compose.generate import Generation, Stream, TextPiece, step_kl, streamed
 from valuemix.compose.mixer import Mixer
 from valuemix.heads.api import APIBase, APICost
-from valuemix.heads.tokens import encode_prompts
+from valuemix.heads.tokens import encode_prompts, left_padded
 
 
 @dataclass
@@ -72,9 +72,8 @@ def api_generate(api: APIBase, prompts: Sequence[str], mixer: Mixer, *, max_new_
                     break
                 tops = dict(zip(running, pool.map(
                     lambda i: api.top_logprobs(rows[i] + done[i] + new[i], mixer.top_k), running)))
-                sequences = [rows[i] + done[i] + new[i] for i in range(len(rows))]
-                width = max(map(len, sequences))
-                input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])
+                input_ids, _ = left_padded([rows[i] + done[i] + new[i] for i in range(len(rows))],
+                                           tokenizer.pad_token_id)
                 scores = torch.full((len(rows), len(tokenizer)), -torch.inf)
                 for i in range(len(rows)):  # a finished row: its EOS as the only candidate (nothing is valued for it)
                     ids, logprobs = tops.get(i, ([eos], [0.0]))

@@ -19,15 +19,7 @@ import torch
 
 from valuemix.compose.candidates import RowCache
 from valuemix.heads.bank import ValueBank
-from valuemix.heads.tokens import common_length, real_token_mask, retokenize
-
-
-def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as one (len(rows), longest) left-padded tensor, and its 1/0 mask of real tokens."""
-    width = max((len(r) for r in rows), default=0)
-    tokens = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long).reshape(len(rows), width)
-    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).reshape(tokens.shape)
-    return tokens, real
+from valuemix.heads.tokens import common_length, left_padded, real_token_mask, retokenize
 
 
 class CrossTokenizerScorer:

@@ -98,3 +98,11 @@ def retokenize_samples(tokenizer, source_tokenizer, prompt_ids: Sequence[Sequenc
     prompts = lists(source_tokenizer.batch_decode([list(p) for p in prompt_ids]))
     shared = [common_length(w, p) for w, p in zip(whole, prompts)]
     return [w[:n] for w, n in zip(whole, shared)], [w[n:] for w, n in zip(whole, shared)]
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one (len(rows), longest) left-padded tensor, and its 1/0 mask of real tokens."""
+    width = max((len(r) for r in rows), default=0)
+    tokens = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).reshape(tokens.shape)
+    return tokens, real
