@@ -60,7 +60,8 @@ class PipelineConfig:
     base: str = field(default="", metadata={"metavar": "ID_OR_PATH",
         "help": "the frozen base model: a Hub id or a local folder"})
     backbone: str = field(default="", metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone: a causal LM with the base model's tokenizer (Hub id or folder)"})
+        "help": ("the value backbone: a causal LM (Hub id or folder); with another tokenizer than the base model's, "
+                 "the heads are trained on the samples' text and value text (cross-tokenizer heads)")})
     dataset: str = field(default="", metadata={"metavar": "ID_OR_PATH", "help": (
         "where the prompts come from: a Hub dataset id or a local folder of data files, read with "
         "datasets.load_dataset"
@@ -173,12 +174,13 @@ def run_pipeline(config: PipelineConfig, task: Callable, name: str = "pipeline")
     train = TrainConfig(lam=config.lam, epochs=config.epochs, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, gradient_checkpointing=config.gradient_checkpointing,
                         mixed_precision=config.mixed_precision, seed=config.seed, progress=config.progress)
+    base_tokenizer = None if bank.same_tokenizer(tokenizer) else tokenizer  # cross-tokenizer heads
     folders = {}
     for head, reward in work.heads.items():
         bank.add_head(head, lora={"r": config.lora_r, "lora_alpha": 2 * config.lora_r}, seed=config.seed,
                       layers=config.lora_layers or None, base_model=config.base)
         metrics = train_head(bank, head, samples, reward=head, config=train,
-                             description=getattr(reward, "description", head))
+                             description=getattr(reward, "description", head), base_tokenizer=base_tokenizer)
         folders[head] = Path(bank.save_head(head, out / "heads" / head))
         print(f"Trained head '{head}' on {len(samples)} samples (final loss {metrics['final_loss']:.4g}): "
               f"{folders[head]}")

@@ -325,6 +325,16 @@ def _checked_data(bank: ValueBank, samples, reward: str, base_tokenizer=None):
     cross = theirs != bank.fingerprint
     if cross:
         prompt_ids, completion_ids = retokenize_samples(bank.tokenizer, base_tokenizer, prompt_ids, completion_ids)
+        seen = [i for i, c in enumerate(completion_ids) if c]
+        if len(seen) < len(completion_ids):  # e.g. characters the backbone's tokenizer drops: nothing to value
+            if not seen:
+                raise ValueError(f"No sample's completion has a token in the backbone's tokenizer "
+                                 f"({bank.fingerprint}): its vocabulary does not cover the base's text; pick a backbone "
+                                 "whose tokenizer does (byte-level tokenizers cover any text).")
+            logger.warning("%d of %d completions have no token in the backbone's tokenizer (it drops their text): "
+                           "trained on the other %d.", len(completion_ids) - len(seen), len(completion_ids), len(seen))
+            rewards = rewards[seen]
+            prompt_ids, completion_ids = [prompt_ids[i] for i in seen], [completion_ids[i] for i in seen]
     empty = [i for i, c in enumerate(completion_ids) if not c]
     if empty:
         raise ValueError(f"Sample {empty[0]} has an empty completion: a value head needs completion tokens.")

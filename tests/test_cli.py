@@ -11,7 +11,7 @@ import json
 import datasets
 import pytest
 import yaml
-from conftest import build_tokenizer
+from conftest import build_model, build_tokenizer
 
 import valuemix as vm
 from valuemix import cli, commands, reward_specs
@@ -78,6 +78,60 @@ def test_sample_score_train_from_flags(tiny, scored, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [s["weights"] for s in report["settings"]] == [{"short": 0.0}, {"short": 2.0}]
     assert (out / "reward_vs_kl_short.png").exists()
+
+
+@pytest.fixture
+def word_backbone(tmp_path):
+    """A tiny GPT-2 with a word-level tokenizer: a value backbone that does not share the tiny base's tokenizer."""
+    folder = tmp_path / "word-gpt2"
+    tokenizer = build_tokenizer(kind="word")
+    build_model("gpt2", len(tokenizer), seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_train_on_a_backbone_with_another_tokenizer_makes_a_cross_tokenizer_head(tiny, scored, word_backbone,
+                                                                                 tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+
+    head = tmp_path / "head"
+    assert run("train", "--backbone", word_backbone, "--samples", scored, "--reward", "short", "--epochs", 1,
+               "--batch-size", 4, "--no-progress", "--out", head) == 0  # the tokenizer: the samples' base model's
+    assert f"for bases with the tokenizer of {tiny}" in capsys.readouterr().out
+    bank = vm.ValueBank(word_backbone)
+    bank.load_head(head)
+    assert bank.configs["short"].base_tokenizer == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny))
+    assert "another tokenizer than the backbone's" in (head / "README.md").read_text()
+    rows = run_generate(tiny, word_backbone, head)
+    assert all(r["kl"] > 0 for r in rows)  # steered: the mixed replies moved away from the base
+    same = tmp_path / "same"  # --base-tokenizer named explicitly gives the same head
+    assert run("train", "--backbone", word_backbone, "--samples", scored, "--reward", "short", "--epochs", 1,
+               "--batch-size", 4, "--no-progress", "--out", same, "--base-tokenizer", tiny) == 0
+    assert vm.ValueBank(word_backbone).load_head(same) == "short"
+    assert (same / "value_head.safetensors").read_bytes() == (head / "value_head.safetensors").read_bytes()
+
+
+def run_generate(base, backbone, head) -> list[dict]:
+    from valuemix.generation import generate_main
+
+    return generate_main(["--base", base, "--backbone", backbone, "--heads", str(head), "--mix", "short=4",
+                          "--prompt", "the cat", "hello", "--max-new-tokens", "4", "--json"])
+
+
+def test_cross_tokenizer_training_names_the_base_tokenizer_it_needs(tiny, scored, word_backbone, tmp_path, capsys):
+    samples = datasets.load_from_disk(str(scored))
+    orphan = tmp_path / "orphan"  # samples whose base model is gone
+    samples.map(lambda row: {"base_model": str(tmp_path / "gone")}).save_to_disk(orphan)
+    flags = ["--backbone", word_backbone, "--reward", "short", "--no-progress", "--out", tmp_path / "head"]
+    assert run("train", "--samples", orphan, *flags) == 1
+    error = capsys.readouterr().err
+    assert f"the tokenizer of their base model '{tmp_path / 'gone'}' could not be loaded" in error
+    assert "pass --base-tokenizer with the base model's folder or Hub id" in error
+    assert run("train", "--samples", scored, *flags, "--base-tokenizer", word_backbone) == 1
+    assert "but the samples were tokenized with tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "head").exists()
 
 
 def test_the_same_from_one_yaml_file_with_flags_overriding_it(tiny, prompts_file, tmp_path):

@@ -125,6 +125,34 @@ def test_sentiment_prompts_are_review_starts_of_2_to_8_tokens(smoke_run):
         assert 2 <= len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 8
 
 
+def test_a_recipe_on_a_backbone_with_another_tokenizer_trains_and_evaluates_cross_tokenizer_heads(tmp_path):
+    from transformers import AutoTokenizer
+
+    from valuemix import recipe
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+    from valuemix.tiny import CORPUS, build_tokenizer
+
+    style = load("style")
+    corpus = CORPUS + style.hh_rlhf.corpus()
+
+    def smoke(config, world):  # the recipe's world, with a SentencePiece-style backbone
+        return style.smoke(config, world) | {"backbone": world.causal_lm(
+            "backbone", "gpt2", seed=1, tokenizer=build_tokenizer(kind="unigram", corpus=corpus))}
+
+    result = recipe.main(style.StyleConfig, style.task, smoke, ["--smoke", "--out", str(tmp_path), "--no-progress"],
+                         "recipes/style.py", corpus=style.hh_rlhf.corpus())
+    base_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smoke-world" / "base")
+    bank = vm.ValueBank(str(tmp_path / "smoke-world" / "backbone"))
+    assert not bank.same_tokenizer(base_tokenizer)
+    assert bank.load_head(result["heads"]["formality"]) == "formality"
+    config = bank.configs["formality"]
+    assert config.base_tokenizer == tokenizer_fingerprint(base_tokenizer)
+    assert [row["beta"] for row in config.evaluation["sweep"]] == SMOKE_BETAS  # evaluated through the cross path
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    steered = [s["kl"] for s in report["settings"] if s["weights"]["formality"] != 0]
+    assert steered and all(kl > 0 for kl in steered)
+
+
 def test_config_file_drives_a_recipe_and_push_publishes_the_head(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("recipes_fake_hub", ROOT / "tests" / "heads" / "test_hub.py")
     hub_tests = importlib.util.module_from_spec(spec)

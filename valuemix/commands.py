@@ -277,8 +277,9 @@ def score_main(argv=None) -> str:
 class TrainArgs:
     """Settings of `valuemix train` besides the training ones (TrainConfig)."""
 
-    backbone: str = field(metadata={"metavar": "ID_OR_PATH",
-        "help": "the value backbone: a local folder or Hub id of a causal LM sharing the base model's tokenizer"})
+    backbone: str = field(metadata={"metavar": "ID_OR_PATH", "help": (
+        "the value backbone: a local folder or Hub id of a causal LM (with another tokenizer than the base "
+        "model's, the head is trained on the samples' text: see --base-tokenizer)")})
     samples: str = field(metadata={"metavar": "DIR", "help": "folder of scored samples from `valuemix score`"})
     reward: str = field(metadata={"metavar": "COLUMN", "help": "the reward column to train on"})
     out: str = field(metadata={"metavar": "DIR",
@@ -288,6 +289,11 @@ class TrainArgs:
         "what the head values, in words, for its card (if not given: the reward's description from `valuemix "
         "score`)"
     )})
+    base_tokenizer: str | None = field(default=None, metadata={"metavar": "ID_OR_PATH", "help": (
+        "the tokenizer of the base model that made the samples (a folder or Hub id), when it is not the "
+        "backbone's: the samples are retokenized as text and the head is made for that base (a cross-tokenizer "
+        "head). If not given: the samples' base model's tokenizer, loaded only when the samples were not "
+        "tokenized with the backbone's")})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the head's adapter"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_layers: int = field(default=0, metadata={"help": (
@@ -331,13 +337,37 @@ def train_main(argv=None) -> str:
                      quantization=args.quantization)
     bank.add_head(name, lora={**DEFAULT_LORA, "r": args.lora_r, "lora_alpha": args.lora_alpha}, seed=config.seed,
                   layers=args.lora_layers or None)
-    metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description)
+    base_tokenizer = samples_tokenizer(samples, bank, args.base_tokenizer)
+    metrics = train_head(bank, name, samples, reward=args.reward, config=config, description=description,
+                         base_tokenizer=base_tokenizer)
     if not is_main_process():  # every process holds the same head; one saves it
         return os.path.abspath(args.out)
     out = bank.save_head(name, args.out)
-    print(f"Trained head '{name}' ({description}) on {len(samples)} samples: final loss {metrics['final_loss']:.4g} "
-          f"after {metrics['steps']} steps ({metrics['seconds']:.1f} s). Saved to {out}")
+    made_for = "" if base_tokenizer is None else f" for bases with the tokenizer of {bank.configs[name].base_model}"
+    print(f"Trained head '{name}' ({description}){made_for} on {len(samples)} samples: final loss "
+          f"{metrics['final_loss']:.4g} after {metrics['steps']} steps ({metrics['seconds']:.1f} s). Saved to {out}")
     return out
+
+
+def samples_tokenizer(samples, bank, source: str | None = None):
+    """The base tokenizer to retokenize `samples` with for `bank`: the one at `source`, else the samples' base
+    model's when the samples were not tokenized with the backbone's tokenizer; None for the backbone's own."""
+    from transformers import AutoTokenizer
+
+    columns = samples.column_names
+    theirs = samples[0]["tokenizer_fingerprint"] if "tokenizer_fingerprint" in columns and len(samples) else None
+    if source is None and theirs in (None, bank.fingerprint):
+        return None
+    source = source or (samples[0]["base_model"] if "base_model" in columns else None)
+    if not source:
+        raise ValueError(f"The samples were tokenized with tokenizer {theirs}, not the backbone's ({bank.fingerprint}), "
+                         "and do not name their base model: pass --base-tokenizer (the base model's folder or Hub id).")
+    try:
+        return AutoTokenizer.from_pretrained(absolute_if_folder(source))
+    except (OSError, ValueError) as err:
+        raise OSError(f"The samples were tokenized with another tokenizer than the backbone's, and the tokenizer of "
+                      f"their base model {source!r} could not be loaded ({err}): pass --base-tokenizer with the base "
+                      "model's folder or Hub id.") from err
 
 
 def _sample_columns() -> set[str]:

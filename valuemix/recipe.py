@@ -83,7 +83,8 @@ def smoke_config(config: PipelineConfig, models: dict) -> PipelineConfig:
 class SmokeWorld:
     """Tiny stand-ins for a recipe's models and dataset, built in `folder` (emptied first), loaded by path.
 
-    Models share one tokenizer built on the spot (`valuemix.tiny`), so a tiny base and backbone match. Use the
+    Models share one tokenizer built on the spot (`valuemix.tiny`), so a tiny base and backbone match unless one is
+    given its own. Use the
     llama or gpt2 family for causal LMs: transformers loads a saved qwen2 folder's tokenizer as Qwen2Tokenizer,
     which adds a token the tiny model does not embed.
     """
@@ -98,13 +99,15 @@ class SmokeWorld:
         self.folder.mkdir(parents=True)
         self.tokenizer = build_tokenizer(corpus=CORPUS + list(corpus))
 
-    def causal_lm(self, name: str, family: str, seed: int = 0) -> str:
-        """A tiny causal LM of `family` ('llama', 'gpt2', 'qwen2') saved with the tokenizer; returns its folder."""
+    def causal_lm(self, name: str, family: str, seed: int = 0, tokenizer=None) -> str:
+        """A tiny causal LM of `family` ('llama', 'gpt2', 'qwen2') saved with the world's tokenizer (or `tokenizer`,
+        e.g. `valuemix.tiny.build_tokenizer(kind="word")` for a backbone of another tokenizer); returns its folder."""
         from valuemix.tiny import build_model
 
+        tokenizer = tokenizer or self.tokenizer
         path = self.folder / name
-        build_model(family, len(self.tokenizer), seed=seed).save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        build_model(family, len(tokenizer), seed=seed).save_pretrained(path)
+        tokenizer.save_pretrained(path)
         return str(path)
 
     def classifier(self, name: str, family: str, labels: Sequence[str] | None = None, seed: int = 0) -> str:

@@ -143,3 +143,29 @@ def test_train_a_cross_tokenizer_head_save_load_and_steer(tmp_path):
     out = vm.generate(base, base_tok, ["hello world"], vm.Mixer(other, {"vowels": 2.0}, tokenizer=base_tok),
                       max_new_tokens=3)
     assert len(out.token_ids[0]) == 3
+
+
+def test_completions_the_backbone_cannot_see_are_left_out_of_training(caplog):
+    """A word-level backbone drops whitespace: a completion of spaces adds no backbone token, so no state to train."""
+    from conftest import vowel_share
+
+    base_tok = build_tokenizer(kind="bpe")
+    base = build_model("llama", len(base_tok), seed=0)
+    bank = make_bank(build_tokenizer(kind="word", vocab_size=300), heads=(), layers=2)
+    samples = vm.score(vm.sample_base(base, base_tok, ["hello world", "the cat sat"], n_per_prompt=2,
+                                      max_new_tokens=4, seed=0, progress=False), {"vowels": vowel_share},
+                       progress=False)
+    spaces = base_tok("  \n ", add_special_tokens=False).input_ids
+    blank = samples.map(lambda row, i: {"completion_ids": spaces if i in (0, 3) else row["completion_ids"]},
+                        with_indices=True)
+    bank.add_head("vowels")
+    config = vm.TrainConfig(epochs=1, batch_size=4, progress=False)
+    with caplog.at_level("WARNING", logger="valuemix.heads.training"):
+        vm.train_head(bank, "vowels", blank, "vowels", config, base_tokenizer=base_tok)
+    assert "2 of 4 completions have no token in the backbone's tokenizer (it drops their text): trained on the " \
+           "other 2." in caplog.text
+    assert bank.configs["vowels"].data_size == 2
+    every = blank.map(lambda row: {"completion_ids": spaces})
+    with pytest.raises(ValueError, match=r"No sample's completion has a token in the backbone's tokenizer .*: its "
+                                         r"vocabulary does not cover the base's text"):
+        vm.train_head(bank, "vowels", every, "vowels", config, base_tokenizer=base_tok)

@@ -265,3 +265,25 @@ def test_a_world_becomes_app_parts_through_its_own_method(parts):
                                                                      top_k=top_k, top_p=top_p))
     assert (as_parts(world, top_k=7, top_p=0.8).top_k, as_parts(world, top_k=7, top_p=0.8).top_p) == (7, 0.8)
     assert as_parts(parts) is parts
+
+
+def test_the_app_steers_a_base_whose_tokenizer_is_not_the_backbones():
+    """Cross-tokenizer heads in the app: replies and 'why this token' value the base's candidates as text."""
+    from conftest import build_model, build_tokenizer, make_bank, vowel_reward
+
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+
+    base_tok = build_tokenizer(kind="unigram")
+    bank = make_bank(build_tokenizer(kind="bpe", vocab_size=300))
+    for head in bank.heads:  # as train_head(..., base_tokenizer=base_tok) records it
+        bank.configs[head].base_tokenizer = tokenizer_fingerprint(base_tok)
+    cross = AppParts(build_model("llama", len(base_tok), seed=0), base_tok, bank, {"vowels": vowel_reward})
+    outcome = run_mix_once(cross, validate_request(cross, "the cat sat on", {"helpful": 4.0}, 8, 0))
+    assert outcome.mixed.kl > 0 and outcome.base.kl == 0
+    for step in range(len(outcome.mixed.token_ids)):
+        rows = explain_step(cross, outcome, step)
+        assert [r["token_id"] for r in rows if r["chosen"]] == [outcome.mixed.token_ids[step]]
+        for row in rows:
+            assert row["final_logit"] - row["base_logit"] == pytest.approx(row["contributions"]["helpful"],
+                                                                           abs=VALUE_ATOL)
+        assert sum(r["contributions"]["helpful"] for r in rows) == pytest.approx(0.0, abs=VALUE_ATOL)
