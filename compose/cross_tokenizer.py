@@ -9,6 +9,9 @@ which may retokenize the last backbone token or two of the text) are one branch 
 different lengths in the same forward. When a new common prefix no longer starts with what the cache
 holds (a retokenized boundary), the row takes back its cached tokens from where they differ
 (`RowCache.truncate`) and feeds the new ones; the other rows keep theirs.
+
+`candidate_texts` and `text_branches` are those two steps on their own, for the vLLM processor, whose
+rows come and go with requests.
 """
 
 from __future__ import annotations
@@ -20,6 +23,30 @@ import torch
 from valuemix.compose.candidates import RowCache
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.tokens import common_length, left_padded, real_token_mask, retokenize
+
+
+def candidate_texts(tokenizer, base_tokenizer, prefixes: Sequence[Sequence[int]],
+                    candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokenizer`'s tokens of each base prefix's text with each of its candidates appended (base ids, no padding):
+    (ids, real), each (rows, k, L), the real tokens first."""
+    texts = base_tokenizer.batch_decode([list(p) + [c] for p, row in zip(prefixes, candidates.tolist()) for c in row])
+    ids, mask = retokenize(tokenizer, texts)
+    return ids.reshape(*candidates.shape, -1), mask.reshape(*candidates.shape, -1)
+
+
+def text_branches(ids: torch.Tensor, real: torch.Tensor, pad: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Split `candidate_texts` into (each row's common prefix: the backbone tokens all its candidate texts share,
+    short of every text's last token; the tails after it (rows, k, w), right padded with `pad`; their real mask)."""
+    rows, k = ids.shape[:2]
+    lengths = real.sum(-1)  # (rows, k)
+    same = ((ids == ids[:, :1]) & real.bool()).all(1)  # (rows, L): a column every candidate text shares
+    shared = torch.minimum(same.long().cumprod(-1).sum(-1), lengths.min(-1).values - 1).clamp_min(0)
+    width = int((lengths - shared[:, None]).max())
+    columns = shared[:, None, None] + torch.arange(width)
+    tail_real = (columns < lengths[..., None]).long()
+    tails = ids.gather(-1, columns.clamp_max(ids.shape[-1] - 1).expand(rows, k, width)) * tail_real \
+        + pad * (1 - tail_real)
+    return [row[:n] for row, n in zip(ids[:, 0].tolist(), shared.tolist())], tails, tail_real
 
 
 class CrossTokenizerScorer:
@@ -48,30 +75,15 @@ class CrossTokenizerScorer:
         self.cached: list[list[int]] = []  # per sequence: the backbone tokens its cache rows hold (real ones)
         self.taken_back = 0  # rows whose cached tokens were retokenized (for the benchmark and tests)
 
-    def backbone_texts(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone tokens of each row's text with each candidate, the brute-force input: (ids, real), each
-        (batch, k, L) with the real tokens first."""
-        real = real_token_mask(input_ids, self.pad_token_id).sum(-1).tolist()
-        prefixes = [row[len(row) - n:] for row, n in zip(input_ids.tolist(), real)]
-        texts = self.base_tokenizer.batch_decode([p + [c] for p, row in zip(prefixes, candidates.tolist()) for c in row])
-        ids, mask = retokenize(self.bank.tokenizer, texts)
-        return ids.reshape(*candidates.shape, -1), mask.reshape(*candidates.shape, -1)
-
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         batch, k = candidates.shape
-        ids, real = self.backbone_texts(input_ids.cpu(), candidates.cpu())
-        lengths = real.sum(-1)  # (batch, k)
-        same = ((ids == ids[:, :1]) & real.bool()).all(1)  # (batch, L): a column every candidate text shares
-        # the common prefix, short of every text's last token (each candidate keeps a tail of one token at least)
-        shared = torch.minimum(same.long().cumprod(-1).sum(-1), lengths.min(-1).values - 1).clamp_min(0)
-        width = int((lengths - shared[:, None]).max())
-        columns = shared[:, None, None] + torch.arange(width)
-        tail_real = (columns < lengths[..., None]).long()
-        tails = ids.gather(-1, columns.clamp_max(ids.shape[-1] - 1).expand(batch, k, width)) * tail_real \
-            + self.backbone_pad * (1 - tail_real)
+        input_ids, candidates = input_ids.cpu(), candidates.cpu()
+        real = real_token_mask(input_ids, self.pad_token_id).sum(-1).tolist()
+        ids, real = candidate_texts(self.bank.tokenizer, self.base_tokenizer,
+                                    [row[len(row) - n:] for row, n in zip(input_ids.tolist(), real)], candidates)
+        prefixes, tails, tail_real = text_branches(ids, real, self.backbone_pad)
         self._start_if_new(input_ids)
-        prefixes = [row[:n] for row, n in zip(ids[:, 0].tolist(), shared.tolist())]
         keep = [common_length(cached, prefix) for cached, prefix in zip(self.cached, prefixes)]
         heads = len(self.heads)
         retokenized = sum(kept < len(cached) for kept, cached in zip(keep, self.cached))

@@ -100,6 +100,16 @@ def nucleus(scores: torch.Tensor, top_scores: torch.Tensor, top_p: float) -> tor
     return probs.cumsum(-1) - probs < top_p  # the mass before a candidate is still short of top_p
 
 
+def cross_tokenizer_problem(config, base_tokenizer) -> str | None:
+    """Why a head (its `HeadConfig`) cannot value text for a base of another tokenizer than the backbone's; None if
+    it can (it was trained on a base's samples retokenized as text)."""
+    if config.base_tokenizer is None:
+        return (f"Head '{config.name}' was made for bases with the backbone's own tokenizer, not for "
+                f"{describe_tokenizer(base_tokenizer)}: train a cross-tokenizer head on this base's samples with "
+                "train_head(bank, name, samples, reward, base_tokenizer=base_tokenizer) or `valuemix train`.")
+    return None
+
+
 class Mixer(LogitsProcessor):
     r"""Steer next-token scores with a weighted mix of value heads (VAS).
 
@@ -165,11 +175,9 @@ class Mixer(LogitsProcessor):
             problem = coefficient_problem(self.bank.configs, name, beta)
             if problem:
                 raise ValueError(problem)
-            if self.cross_tokenizer and self.bank.configs[name].base_tokenizer is None:
-                raise ValueError(
-                    f"Head '{name}' was made for bases with the backbone's own tokenizer, not for "
-                    f"{describe_tokenizer(self.base_tokenizer)}: train a cross-tokenizer head on this base's samples "
-                    "with train_head(bank, name, samples, reward, base_tokenizer=base_tokenizer).")
+            problem = self.cross_tokenizer and cross_tokenizer_problem(self.bank.configs[name], self.base_tokenizer)
+            if problem:
+                raise ValueError(problem)
         self.weights.update({name: float(beta) for name, beta in weights.items()})
 
     @property

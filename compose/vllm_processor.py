@@ -24,6 +24,12 @@ is 0, are not touched.
 A bad mix is refused in `validate_params` with the Mixer's own message, which the server returns
 as HTTP 400.
 
+A backbone with another tokenizer than the served model's takes cross-tokenizer heads (trained with
+`train_head(..., base_tokenizer=...)` or `valuemix train`): each request's text and candidates are valued
+as the backbone tokenizes them, as `Mixer(bank, weights, tokenizer=base_tokenizer)` does
+(`compose.cross_tokenizer`); a request's cache rows hold its text's common backbone prefix and take back
+retokenized tokens. The engine refuses to start with heads made for the backbone's own tokenizer.
+
 Speed and memory. Each engine step values the candidates of every mixed request under all its heads
 in one value-backbone forward (requests with other heads or another top-k included; a step where
 requests join adds one forward that reads their prompts). The processor keeps one KV cache on the
@@ -52,9 +58,11 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from valuemix.compose.candidates import RowCache
-from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, contributions, read_mix
+from valuemix.compose.cross_tokenizer import candidate_texts, text_branches
+from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, contributions, cross_tokenizer_problem, read_mix
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.files import read_head_config
+from valuemix.heads.tokens import common_length
 
 MIX_KEY, TOP_K_KEY, TOP_P_KEY = "valuemix", "valuemix_top_k", "valuemix_top_p"
 ENV_BACKBONE, ENV_HEADS = "VALUEMIX_BACKBONE", "VALUEMIX_HEADS"
@@ -66,7 +74,7 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class RequestMix:
     """One request's mix: its non-zero coefficients, its candidate count, its tokens (output_ids is vLLM's live
-    list) and how many of them its cache rows hold."""
+    list) and how many of them its cache rows hold (with a backbone of another tokenizer: which backbone tokens)."""
 
     weights: dict[str, float]
     top_k: int
@@ -74,6 +82,7 @@ class RequestMix:
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     fed: int = 0
+    held: list[int] = field(default_factory=list)
 
     def tokens(self) -> list[int]:
         return self.prompt_ids + list(self.output_ids)
@@ -138,8 +147,12 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         backbone, heads, num_layers, self.default_top_k, self.default_top_p = engine_settings()
         self.bank = ValueBank(backbone, num_layers=num_layers, device=device)
         self.bank.load_head(heads)
-        self.bank.check_tokenizer(AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer),
-                                  "the served model")
+        served = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
+        self.base_tokenizer = None if self.bank.same_tokenizer(served) else served  # candidates valued as text
+        if self.base_tokenizer is not None:
+            problems = [cross_tokenizer_problem(self.bank.configs[h], served) for h in self.bank.heads]
+            if any(problems):
+                raise ValueError(" ".join(p for p in problems if p))
         self.requests: dict[int, RequestMix] = {}  # batch slot -> its mix
         self.rows = RowCache(self.bank, [])
         self.owners: list[RequestMix] = []  # cache row -> the request it belongs to
@@ -213,26 +226,54 @@ class ValuemixLogitsProcessor(LogitsProcessor):
     def _values(self, candidates: torch.Tensor, position: dict) -> torch.Tensor:
         """Values of each cache row's candidates (its request's row of `candidates`), rows in the order of
         `self.owners` once this step's joiners are appended: the cached rows in one forward, joiners in another."""
+        wanted, branches, branch_real = self._branches(candidates, list(position))
         values = []
         if self.owners:
-            fresh = {mix: mix.tokens()[mix.fed:] for mix in self.owners}  # each request's tokens since last step
-            tokens, real = self._left_padded([fresh[owner] for owner in self.owners])
+            fresh = {mix: self._fresh(mix, wanted) for mix in self.owners}  # each request's tokens since last step
+            if any(kept < mix.fed for mix, (kept, _) in fresh.items()):  # retokenized: take back from where they differ
+                self.rows.truncate(torch.tensor([fresh[owner][0] for owner in self.owners]))
+            tokens, real = self._left_padded([fresh[owner][1] for owner in self.owners])
             rows = torch.tensor([position[owner] for owner in self.owners], device=candidates.device)
-            values.append(self.rows.score(tokens, real, candidates[rows]))
-            for mix, new_tokens in fresh.items():
-                mix.fed += len(new_tokens)
+            values.append(self.rows.score(tokens, real, branches[rows], None if branch_real is None else branch_real[rows]))
+            for mix, (kept, new_tokens) in fresh.items():
+                self._held(mix, kept + len(new_tokens), wanted)
         joiners = [mix for mix in position if mix not in set(self.owners)]
         if joiners:
             owners = [(mix, h) for mix in joiners for h in self.bank.heads if h in mix.weights]
             joined = RowCache(self.bank, [h for _, h in owners], [mix for mix, _ in owners])  # heads share trunks
-            tokens, real = self._left_padded([mix.tokens() for mix, _ in owners])
+            tokens, real = self._left_padded([self._fresh(mix, wanted)[1] for mix, _ in owners])
             rows = torch.tensor([position[mix] for mix, _ in owners], device=candidates.device)
-            values.append(joined.score(tokens, real, candidates[rows]))
+            values.append(joined.score(tokens, real, branches[rows], None if branch_real is None else branch_real[rows]))
             for mix in joiners:
-                mix.fed = len(mix.tokens())
+                self._held(mix, len(self._fresh(mix, wanted)[1]), wanted)
             self.rows.extend(joined)
             self.owners += [mix for mix, _ in owners]
         return torch.cat(values)
+
+    def _branches(self, candidates: torch.Tensor, mixes: list[RequestMix]):
+        """(per request the backbone tokens to hold, or None when they are its own tokens; the branches valued after
+        them: `candidates` or (requests, k, w) retokenized tails; their real mask or None)."""
+        if self.base_tokenizer is None:
+            return None, candidates, None
+        pad = self.bank.tokenizer.pad_token_id or 0
+        ids, real = candidate_texts(self.bank.tokenizer, self.base_tokenizer, [mix.tokens() for mix in mixes],
+                                    candidates.cpu())
+        prefixes, tails, tail_real = text_branches(ids, real, pad)
+        device = candidates.device
+        return dict(zip(mixes, prefixes)), tails.to(device), tail_real.to(device)
+
+    def _fresh(self, mix: RequestMix, wanted: dict | None) -> tuple[int, list[int]]:
+        """(how many tokens the request's rows keep, the tokens to feed them next)."""
+        if wanted is None:
+            return mix.fed, mix.tokens()[mix.fed:]
+        kept = common_length(mix.held, wanted[mix])
+        return kept, wanted[mix][kept:]
+
+    @staticmethod
+    def _held(mix: RequestMix, fed: int, wanted: dict | None) -> None:
+        mix.fed = fed
+        if wanted is not None:
+            mix.held = wanted[mix]
 
     def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, real) of ragged sequences, left padded to the longest."""

