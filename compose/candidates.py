@@ -68,22 +68,28 @@ class RowCache:
 
     @torch.inference_mode()
     def score(self, new_tokens: torch.Tensor, new_real: torch.Tensor, candidates: torch.Tensor,
-              tail_real: torch.Tensor | None = None) -> torch.Tensor:
+              tail_real: torch.Tensor | None = None, tail_start: torch.Tensor | None = None) -> torch.Tensor:
         """Feed `new_tokens` (rows, n; `new_real` 0 on padding) and value the candidates after them: (rows, k).
 
         candidates: (rows, k) tokens, or (rows, k, L) branches of up to L tokens each (a candidate's tail) whose
         real tokens come first, marked 1 in `tail_real` (rows, k, L); a branch is valued at its last real token.
+        tail_start (rows, k): how many of the row's real tokens (cached, then new) a branch follows (default: all),
+        for a tail that replaces the row's last tokens. The branches of a row are packed one after another in the
+        tree, so a long branch costs its own tokens only.
         """
         if candidates.dim() == 2:
             candidates = candidates[..., None]
         if tail_real is None:
             tail_real = torch.ones_like(candidates)
+        if tail_start is None:
+            tail_start = (self.real.sum(-1) + new_real.sum(-1))[:, None].expand(candidates.shape[:2])
+        branches = (candidates, tail_real.to(candidates.device), tail_start.to(candidates.device))
         if self.bank.tree_masks_ok is None:
-            values = self._score_checked(new_tokens, new_real, candidates, tail_real)
+            values = self._score_checked(new_tokens, new_real, *branches)
         elif self.bank.tree_masks_ok:
-            values = self._score_tree(new_tokens, new_real, candidates, tail_real)
+            values = self._score_tree(new_tokens, new_real, *branches)
         else:
-            values = self._score_expanded(new_tokens, new_real, candidates, tail_real)
+            values = self._score_expanded(new_tokens, new_real, *branches)
         self.real = torch.cat([self.real, new_real], dim=1)
         return values
 
@@ -138,49 +144,80 @@ class RowCache:
         return [layer for layer in self.cache.layers if torch.is_tensor(getattr(layer, "keys", None))
                 and layer.keys.dim() == 4]
 
-    def _tree_mask(self, new_real: torch.Tensor, tail_real: torch.Tensor) -> torch.Tensor:
-        """Additive 4D mask (rows, 1, n_new + k·L, n_cached + n_new + k·L) for new tokens, then k branches of L."""
+    def _seen(self, new_real: torch.Tensor, tail_start: torch.Tensor) -> torch.Tensor:
+        """(rows, k, n_cached + n_new): which cached and new columns each branch follows: the first tail_start real
+        tokens of its row."""
+        full = torch.cat([self.real, new_real], dim=1).bool()
+        index = full.long().cumsum(-1) - 1  # each real column's index among the row's real tokens
+        return full[:, None, :] & (index[:, None, :] < tail_start[..., None])
+
+    def _tree_mask(self, new_real: torch.Tensor, packed: tuple, tail_start: torch.Tensor) -> torch.Tensor:
+        """Additive 4D mask (rows, 1, n_new + w, n_cached + n_new + w) for the new tokens, then the packed branches."""
+        tokens, branch, offset, _ = packed
         rows, n_new = new_real.shape
-        _, k, length = tail_real.shape
-        n_cached, n_branch = self.real.shape[1], k * length
+        n_cached, width = self.real.shape[1], tokens.shape[1]
         dtype = self.bank.decoder.dtype
         device = new_real.device
-        prefix = self.real.bool()[:, None, :].expand(rows, n_new + n_branch, n_cached)
         causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
-        new_seen = torch.cat([causal[None] & new_real.bool()[:, None, :],  # new tokens: causal over real tokens
-                              new_real.bool()[:, None, :].expand(rows, n_branch, n_new)], dim=1)
-        new_seen[:, :n_new] |= torch.eye(n_new, dtype=torch.bool, device=device)  # pads see themselves
-        # a branch token sees its own branch's real tokens up to itself, and itself
-        within = torch.kron(torch.eye(k, device=device), torch.ones(length, length, device=device).tril()).bool()
-        branches = (within[None] & tail_real.reshape(rows, 1, n_branch).bool()) \
-            | torch.eye(n_branch, dtype=torch.bool, device=device)
-        cands = torch.cat([torch.zeros(rows, n_new, n_branch, dtype=torch.bool, device=device), branches], dim=1)
-        allowed = torch.cat([prefix, new_seen, cands], dim=2)
+        new_seen = causal[None] & new_real.bool()[:, None, :]  # new tokens: causal over real tokens
+        new_seen |= torch.eye(n_new, dtype=torch.bool, device=device)  # pads see themselves
+        new_rows = torch.cat([self.real.bool()[:, None, :].expand(rows, n_new, n_cached), new_seen,
+                              torch.zeros(rows, n_new, width, dtype=torch.bool, device=device)], dim=2)
+        real = branch >= 0
+        seen = self._seen(new_real, tail_start)  # (rows, k, n_cached + n_new)
+        prefix = seen.gather(1, branch.clamp_min(0)[..., None].expand(-1, -1, seen.shape[-1])) & real[..., None]
+        # a branch token sees its own branch's tokens up to itself, and itself
+        within = (branch[:, :, None] == branch[:, None, :]) & (offset[:, None, :] <= offset[:, :, None]) \
+            & real[:, None, :]
+        within |= torch.eye(width, dtype=torch.bool, device=device)
+        allowed = torch.cat([new_rows, torch.cat([prefix, within], dim=2)], dim=1)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def _positions(self, new_real: torch.Tensor, tail_real: torch.Tensor) -> torch.Tensor:
-        """Positions of the new tokens (count of real tokens before them) and of the branches' tokens after them."""
-        _, k, length = tail_real.shape
+    def _positions(self, new_real: torch.Tensor, packed: tuple, tail_start: torch.Tensor) -> torch.Tensor:
+        """Positions of the new tokens (count of real tokens before them) and of the branches' tokens after the
+        tokens each follows."""
+        _, branch, offset, _ = packed
         full = torch.cat([self.real, new_real], dim=1)
         new_pos = position_ids_from_mask(full)[:, self.real.shape[1]:]
-        branch_pos = full.sum(-1, keepdim=True) + torch.arange(length, device=full.device).repeat(k)
+        branch_pos = tail_start.gather(1, branch.clamp_min(0)) + offset
         return torch.cat([new_pos, branch_pos], dim=1)
 
-    def _score_tree(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
+    @staticmethod
+    def _pack(candidates: torch.Tensor, tail_real: torch.Tensor) -> tuple:
+        """Each row's branches one after another: (tokens, branch index (-1: padding), offset in the branch), each
+        (rows, w), w the most real tail tokens of a row, and each branch's last token's column (rows, k)."""
         rows, k, length = candidates.shape
-        n_new = new_tokens.shape[1]
-        hidden = self.bank.forward_hidden(torch.cat([new_tokens, candidates.reshape(rows, k * length)], dim=1),
-                                          self._tree_mask(new_real, tail_real), self._positions(new_real, tail_real),
-                                          self.row_heads, cache=self.cache, row_sequences=self.row_sequences)
-        self.cache.crop(-k * length)  # drop the candidates; the sampled one is fed with the next step
-        if length > 1:  # each branch's last real token
-            last = n_new + torch.arange(k, device=hidden.device) * length + tail_real.to(hidden.device).sum(-1) - 1
-            return self.bank.project(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1])),
-                                     self.row_heads)
-        return self.bank.project(hidden[:, n_new:], self.row_heads)
+        real = tail_real.reshape(rows, k * length).bool()
+        lengths = tail_real.sum(-1)
+        width = int(lengths.sum(-1).max())
+        column = torch.where(real, real.long().cumsum(-1) - 1, width)  # padding goes to a spare column, dropped
+        device = candidates.device
 
-    def _score_expanded(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
+        def placed(values, fill):
+            out = torch.full((rows, width + 1), fill, dtype=values.dtype, device=device)
+            return out.scatter_(1, column, values.expand(rows, -1))[:, :width]
+
+        tokens = placed(candidates.reshape(rows, k * length), 0)
+        branch = placed(torch.arange(k, device=device).repeat_interleave(length)[None], -1)
+        offset = placed(torch.arange(length, device=device).repeat(k)[None], 0)
+        return tokens, branch, offset, lengths.cumsum(-1) - 1
+
+    def _score_tree(self, new_tokens, new_real, candidates, tail_real, tail_start) -> torch.Tensor:
+        n_new = new_tokens.shape[1]
+        packed = self._pack(candidates, tail_real)
+        tokens, _, _, last = packed
+        hidden = self.bank.forward_hidden(torch.cat([new_tokens, tokens], dim=1),
+                                          self._tree_mask(new_real, packed, tail_start),
+                                          self._positions(new_real, packed, tail_start),
+                                          self.row_heads, cache=self.cache, row_sequences=self.row_sequences)
+        self.cache.crop(-tokens.shape[1])  # drop the candidates; the sampled one is fed with the next step
+        if tokens.shape[1] == candidates.shape[1]:  # one token per branch, in order
+            return self.bank.project(hidden[:, n_new:], self.row_heads)
+        last = n_new + last.to(hidden.device)  # each branch's last token
+        return self.bank.project(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1])), self.row_heads)
+
+    def _score_expanded(self, new_tokens, new_real, candidates, tail_real, tail_start) -> torch.Tensor:
         """Fallback: feed the new tokens, then one candidate's branch per row on a k-times repeated cache."""
         rows, k, length = candidates.shape
         full = torch.cat([self.real, new_real], dim=1)
@@ -190,8 +227,9 @@ class RowCache:
         expanded = copy.deepcopy(self.cache)
         expanded.batch_repeat_interleave(k)  # each layer's rows k times: (computation, candidate) in that order
         branch_real = tail_real.reshape(rows * k, length).to(full.dtype)
-        mask = torch.cat([full.repeat_interleave(k, 0), branch_real], 1)
-        positions = full.sum(-1).repeat_interleave(k)[:, None] + torch.arange(length, device=full.device)
+        seen = self._seen(new_real, tail_start).reshape(rows * k, -1).to(full.dtype)
+        mask = torch.cat([seen, branch_real], 1)
+        positions = tail_start.reshape(-1, 1) + torch.arange(length, device=full.device)
         row_heads = [h for h in self.row_heads for _ in range(k)]
         row_sequences = [(s, c) for s in self.row_sequences for c in range(k)]
         hidden = self.bank.forward_hidden(candidates.reshape(-1, length), mask, positions, row_heads, cache=expanded,
@@ -199,13 +237,13 @@ class RowCache:
         hidden = hidden[torch.arange(rows * k, device=hidden.device), branch_real.sum(-1).to(hidden.device) - 1]
         return self.bank.project(hidden.reshape(rows, k, -1), row_heads[::k])
 
-    def _score_checked(self, new_tokens, new_real, candidates, tail_real) -> torch.Tensor:
+    def _score_checked(self, new_tokens, new_real, *branches) -> torch.Tensor:
         """First scoring on a bank: use the tree only if it matches cache expansion on this architecture."""
         untouched = copy.deepcopy(self.cache)
-        expected = self._score_expanded(new_tokens, new_real, candidates, tail_real)
+        expected = self._score_expanded(new_tokens, new_real, *branches)
         expanded_cache, self.cache = self.cache, untouched
         try:
-            got = self._score_tree(new_tokens, new_real, candidates, tail_real)
+            got = self._score_tree(new_tokens, new_real, *branches)
             self.bank.tree_masks_ok = torch.allclose(got, expected, atol=VALUE_ATOL, rtol=1e-3)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             logger.warning("Tree scoring raised %r", err)

@@ -25,28 +25,31 @@ from valuemix.heads.bank import ValueBank
 from valuemix.heads.tokens import common_length, left_padded, real_token_mask, retokenize
 
 
-def candidate_texts(tokenizer, base_tokenizer, prefixes: Sequence[Sequence[int]],
-                    candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tokenizer`'s tokens of each base prefix's text with each of its candidates appended (base ids, no padding):
-    (ids, real), each (rows, k, L), the real tokens first."""
-    texts = base_tokenizer.batch_decode([list(p) + [c] for p, row in zip(prefixes, candidates.tolist()) for c in row])
+def candidate_texts(tokenizer, base_tokenizer, prefixes: Sequence[Sequence[int]], candidates: torch.Tensor):
+    """`tokenizer`'s tokens of each base prefix's text (base ids, no padding), alone and with each of its candidates
+    appended: (prefix ids, prefix real) each (rows, L) and (ids, real) each (rows, k, L), the real tokens first."""
+    rows, k = candidates.shape
+    texts = base_tokenizer.batch_decode([list(p) for p in prefixes]
+                                        + [list(p) + [c] for p, row in zip(prefixes, candidates.tolist()) for c in row])
     ids, mask = retokenize(tokenizer, texts)
-    return ids.reshape(*candidates.shape, -1), mask.reshape(*candidates.shape, -1)
+    return ids[:rows], mask[:rows], ids[rows:].reshape(rows, k, -1), mask[rows:].reshape(rows, k, -1)
 
 
-def text_branches(ids: torch.Tensor, real: torch.Tensor, pad: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    """Split `candidate_texts` into (each row's common prefix: the backbone tokens all its candidate texts share,
-    short of every text's last token; the tails after it (rows, k, w), right padded with `pad`; their real mask)."""
-    rows, k = ids.shape[:2]
+def text_branches(prefix_ids: torch.Tensor, prefix_real: torch.Tensor, ids: torch.Tensor, real: torch.Tensor,
+                  pad: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split `candidate_texts` into (each row's prefix tokens, to hold in the cache; each candidate's tail: its
+    tokens after those it shares with the prefix, at least its last one (rows, k, w), right padded with `pad`; their
+    real mask; how many prefix tokens each tail follows (rows, k))."""
+    rows, k, length = ids.shape
     lengths = real.sum(-1)  # (rows, k)
-    same = ((ids == ids[:, :1]) & real.bool()).all(1)  # (rows, L): a column every candidate text shares
-    shared = torch.minimum(same.long().cumprod(-1).sum(-1), lengths.min(-1).values - 1).clamp_min(0)
-    width = int((lengths - shared[:, None]).max())
-    columns = shared[:, None, None] + torch.arange(width)
+    same = (ids == prefix_ids[:, None, :]) & real.bool() & prefix_real.bool()[:, None, :]
+    start = torch.minimum(same.long().cumprod(-1).sum(-1), lengths - 1).clamp_min(0)
+    width = int((lengths - start).max())
+    columns = start[..., None] + torch.arange(width)
     tail_real = (columns < lengths[..., None]).long()
-    tails = ids.gather(-1, columns.clamp_max(ids.shape[-1] - 1).expand(rows, k, width)) * tail_real \
-        + pad * (1 - tail_real)
-    return [row[:n] for row, n in zip(ids[:, 0].tolist(), shared.tolist())], tails, tail_real
+    tails = ids.gather(-1, columns.clamp_max(length - 1)) * tail_real + pad * (1 - tail_real)
+    prefixes = [row[:n] for row, n in zip(prefix_ids.tolist(), prefix_real.sum(-1).tolist())]
+    return prefixes, tails, tail_real, start
 
 
 class CrossTokenizerScorer:
@@ -80,9 +83,9 @@ class CrossTokenizerScorer:
         batch, k = candidates.shape
         input_ids, candidates = input_ids.cpu(), candidates.cpu()
         real = real_token_mask(input_ids, self.pad_token_id).sum(-1).tolist()
-        ids, real = candidate_texts(self.bank.tokenizer, self.base_tokenizer,
-                                    [row[len(row) - n:] for row, n in zip(input_ids.tolist(), real)], candidates)
-        prefixes, tails, tail_real = text_branches(ids, real, self.backbone_pad)
+        texts = candidate_texts(self.bank.tokenizer, self.base_tokenizer,
+                                [row[len(row) - n:] for row, n in zip(input_ids.tolist(), real)], candidates)
+        prefixes, tails, tail_real, tail_start = text_branches(*texts, self.backbone_pad)
         self._start_if_new(input_ids)
         keep = [common_length(cached, prefix) for cached, prefix in zip(self.cached, prefixes)]
         heads = len(self.heads)
@@ -94,7 +97,8 @@ class CrossTokenizerScorer:
         self.cached, self.seen = prefixes, input_ids
         device = self.bank.device
         values = self.rows.score(new_tokens.to(device).repeat(heads, 1), new_real.to(device).repeat(heads, 1),
-                                 tails.to(device).repeat(heads, 1, 1), tail_real.to(device).repeat(heads, 1, 1))
+                                 tails.to(device).repeat(heads, 1, 1), tail_real.to(device).repeat(heads, 1, 1),
+                                 tail_start.to(device).repeat(heads, 1))
         return values.reshape(heads, batch, k)
 
     def _start_if_new(self, input_ids: torch.Tensor) -> None:

@@ -226,7 +226,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
     def _values(self, candidates: torch.Tensor, position: dict) -> torch.Tensor:
         """Values of each cache row's candidates (its request's row of `candidates`), rows in the order of
         `self.owners` once this step's joiners are appended: the cached rows in one forward, joiners in another."""
-        wanted, branches, branch_real = self._branches(candidates, list(position))
+        wanted, branches, branch_real, branch_start = self._branches(candidates, list(position))
         values = []
         if self.owners:
             fresh = {mix: self._fresh(mix, wanted) for mix in self.owners}  # each request's tokens since last step
@@ -234,7 +234,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
                 self.rows.truncate(torch.tensor([fresh[owner][0] for owner in self.owners]))
             tokens, real = self._left_padded([fresh[owner][1] for owner in self.owners])
             rows = torch.tensor([position[owner] for owner in self.owners], device=candidates.device)
-            values.append(self.rows.score(tokens, real, branches[rows], None if branch_real is None else branch_real[rows]))
+            values.append(self.rows.score(tokens, real, *self._rows_of(rows, branches, branch_real, branch_start)))
             for mix, (kept, new_tokens) in fresh.items():
                 self._held(mix, kept + len(new_tokens), wanted)
         joiners = [mix for mix in position if mix not in set(self.owners)]
@@ -243,7 +243,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
             joined = RowCache(self.bank, [h for _, h in owners], [mix for mix, _ in owners])  # heads share trunks
             tokens, real = self._left_padded([self._fresh(mix, wanted)[1] for mix, _ in owners])
             rows = torch.tensor([position[mix] for mix, _ in owners], device=candidates.device)
-            values.append(joined.score(tokens, real, branches[rows], None if branch_real is None else branch_real[rows]))
+            values.append(joined.score(tokens, real, *self._rows_of(rows, branches, branch_real, branch_start)))
             for mix in joiners:
                 self._held(mix, len(self._fresh(mix, wanted)[1]), wanted)
             self.rows.extend(joined)
@@ -252,15 +252,19 @@ class ValuemixLogitsProcessor(LogitsProcessor):
 
     def _branches(self, candidates: torch.Tensor, mixes: list[RequestMix]):
         """(per request the backbone tokens to hold, or None when they are its own tokens; the branches valued after
-        them: `candidates` or (requests, k, w) retokenized tails; their real mask or None)."""
+        them: `candidates` or (requests, k, w) retokenized tails; their real mask and how many held tokens each
+        follows, or None)."""
         if self.base_tokenizer is None:
-            return None, candidates, None
-        pad = self.bank.tokenizer.pad_token_id or 0
-        ids, real = candidate_texts(self.bank.tokenizer, self.base_tokenizer, [mix.tokens() for mix in mixes],
-                                    candidates.cpu())
-        prefixes, tails, tail_real = text_branches(ids, real, pad)
-        device = candidates.device
-        return dict(zip(mixes, prefixes)), tails.to(device), tail_real.to(device)
+            return None, candidates, None, None
+        texts = candidate_texts(self.bank.tokenizer, self.base_tokenizer, [mix.tokens() for mix in mixes],
+                                candidates.cpu())
+        prefixes, *branches = text_branches(*texts, self.bank.tokenizer.pad_token_id or 0)
+        return dict(zip(mixes, prefixes)), *(b.to(candidates.device) for b in branches)
+
+    @staticmethod
+    def _rows_of(rows: torch.Tensor, *branches) -> list:
+        """The branches of the requests of some cache rows (None stays None)."""
+        return [None if b is None else b[rows] for b in branches]
 
     def _fresh(self, mix: RequestMix, wanted: dict | None) -> tuple[int, list[int]]:
         """(how many tokens the request's rows keep, the tokens to feed them next)."""

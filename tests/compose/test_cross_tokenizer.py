@@ -75,20 +75,23 @@ def test_cache_expansion_fallback_with_tails_of_different_lengths():
 
 
 def test_a_retokenized_boundary_takes_back_cached_tokens_of_that_row_only():
-    """Row 0: "...the m" + "in" caches the backbone's "Ġm", "i" ("n" is the candidate's tail); + "e" retokenizes
-    them as "Ġm", "ine", so the row takes back its cached "i". Row 1 only grows."""
+    """Row 0: "...the m" + "in" caches the backbone's "Ġm", "i", "n"; the candidate "e" makes "Ġm", "ine": its branch
+    follows the cache only up to "Ġm". Once "e" is taken, the row takes back its cached "i", "n". Row 1 only grows."""
     base, base_tok, bank = cross_world("unigram", "bpe")
     vocab = base_tok.get_vocab()
     scorer = CrossTokenizerScorer(bank, list(WEIGHTS), base_tok)
     brute = text_brute_force(base_tok)
     rows = base_tok(["the cat sat on the m", "hello world"], return_tensors="pt", padding=True).input_ids
-    for step in (["in", "▁on"], ["e", "▁on"]):
-        candidates = torch.tensor([[vocab[step[0]]], [vocab[step[1]]]])
+    cached, taken_back = [], []
+    for step in (["in", "▁on"], ["e", "▁on"], ["▁on", "▁on"]):
+        candidates = torch.tensor([[vocab[step[0]], vocab["▁on"]], [vocab[step[1]], vocab["e"]]])
         got = scorer(rows, candidates)
         torch.testing.assert_close(got, brute(bank, rows, None, candidates, list(WEIGHTS)), atol=1e-4, rtol=0)
-        rows = torch.cat([rows, candidates], dim=1)
-    assert bank.tokenizer.convert_ids_to_tokens(scorer.cached[0][-2:]) == ["Ġthe", "Ġm"]
-    assert scorer.taken_back == 1
+        cached.append(bank.tokenizer.convert_ids_to_tokens(scorer.cached[0][-3:]))
+        taken_back.append(scorer.taken_back)
+        rows = torch.cat([rows, candidates[:, :1]], dim=1)
+    assert cached[0][1:] == ["Ġthe", "Ġm"] and cached[1:] == [["Ġm", "i", "n"], ["Ġthe", "Ġm", "ine"]]
+    assert taken_back == [0, 0, 1]
 
 
 def test_own_loop_with_chat_template_and_the_fast_path_kept():
