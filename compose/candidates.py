@@ -8,7 +8,9 @@ in which:
   - a candidate sees the prefix, every new token, and itself only — the k candidates sit at the
     same position, so one forward values all k continuations s·a (a "tree" of depth one).
 The candidates' keys/values are then cropped off: the token that gets sampled is fed with the next
-step's candidates. A cold call (a sequence the cache has not seen) feeds the whole prompt the same
+step's candidates. A candidate may also be a branch of several tokens that follows only the row's first
+tokens (a retokenized tail, `compose.cross_tokenizer`); a row's branches are packed one after another, each
+token seeing the prefix its branch follows and its own branch up to itself. A cold call (a sequence the cache has not seen) feeds the whole prompt the same
 way, so the scorer is a pure function of (input_ids, candidates) whatever its cache holds, up to
 `VALUE_ATOL` (cached and cold forwards round differently).
 For an architecture that rejects custom masks, candidates are scored by cache expansion instead
