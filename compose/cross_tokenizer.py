@@ -3,12 +3,12 @@
 The base proposes tokens of its own vocabulary; a head values text. Each row's text so far (the base's ids
 decoded, special tokens written out) plus a candidate's token is what gets valued: V_h of that text as the
 backbone's tokenizer tokenizes it (`heads.tokens.retokenize`). One backbone forward per step, as on the
-same-tokenizer path (`compose.candidates`): the backbone tokens that all of a row's candidate texts share
-(the common prefix) are fed to the value cache; each candidate's remaining backbone tokens (its tail,
-which may retokenize the last backbone token or two of the text) are one branch of the tree, branches of
-different lengths in the same forward. When a new common prefix no longer starts with what the cache
-holds (a retokenized boundary), the row takes back its cached tokens from where they differ
-(`RowCache.truncate`) and feeds the new ones; the other rows keep theirs.
+same-tokenizer path (`compose.candidates`): the backbone tokens of a row's text so far are fed to the value
+cache; each candidate's backbone tokens after those its text shares with them (its tail, which may replace
+the last backbone token or two of the text) are one branch of the tree, following only the shared ones;
+branches of different lengths are packed in the same forward. When the text's tokens no longer start with
+what the cache holds (the taken token retokenized a boundary), the row takes back its cached tokens from
+where they differ (`RowCache.truncate`) and feeds the new ones; the other rows keep theirs.
 
 `candidate_texts` and `text_branches` are those two steps on their own, for the vLLM processor, whose
 rows come and go with requests.

@@ -110,6 +110,13 @@ def cross_tokenizer_problem(config, base_tokenizer) -> str | None:
     return None
 
 
+def check_cross_tokenizer_heads(configs, base_tokenizer) -> None:
+    """Refuse, naming every one, heads (`HeadConfig`s) that cannot value text for a base of another tokenizer."""
+    problems = [problem for config in configs if (problem := cross_tokenizer_problem(config, base_tokenizer))]
+    if problems:
+        raise ValueError(" ".join(problems))
+
+
 class Mixer(LogitsProcessor):
     r"""Steer next-token scores with a weighted mix of value heads (VAS).
 

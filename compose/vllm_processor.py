@@ -27,8 +27,8 @@ as HTTP 400.
 A backbone with another tokenizer than the served model's takes cross-tokenizer heads (trained with
 `train_head(..., base_tokenizer=...)` or `valuemix train`): each request's text and candidates are valued
 as the backbone tokenizes them, as `Mixer(bank, weights, tokenizer=base_tokenizer)` does
-(`compose.cross_tokenizer`); a request's cache rows hold its text's common backbone prefix and take back
-retokenized tokens. The engine refuses to start with heads made for the backbone's own tokenizer.
+(`compose.cross_tokenizer`); a request's cache rows hold its text's backbone tokens and take back those a
+new token retokenizes. The engine refuses to start with heads made for the backbone's own tokenizer.
 
 Speed and memory. Each engine step values the candidates of every mixed request under all its heads
 in one value-backbone forward (requests with other heads or another top-k included; a step where
@@ -59,10 +59,10 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from valuemix.compose.candidates import RowCache
 from valuemix.compose.cross_tokenizer import candidate_texts, text_branches
-from valuemix.compose.mixer import DEFAULT_TOP_P, check_top_p, contributions, cross_tokenizer_problem, read_mix
+from valuemix.compose.mixer import DEFAULT_TOP_P, check_cross_tokenizer_heads, check_top_p, contributions, read_mix
 from valuemix.heads.bank import ValueBank
 from valuemix.heads.files import read_head_config
-from valuemix.heads.tokens import common_length
+from valuemix.heads.tokens import common_length, left_padded
 
 MIX_KEY, TOP_K_KEY, TOP_P_KEY = "valuemix", "valuemix_top_k", "valuemix_top_p"
 ENV_BACKBONE, ENV_HEADS = "VALUEMIX_BACKBONE", "VALUEMIX_HEADS"
@@ -150,9 +150,7 @@ class ValuemixLogitsProcessor(LogitsProcessor):
         served = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
         self.base_tokenizer = None if self.bank.same_tokenizer(served) else served  # candidates valued as text
         if self.base_tokenizer is not None:
-            problems = [cross_tokenizer_problem(self.bank.configs[h], served) for h in self.bank.heads]
-            if any(problems):
-                raise ValueError(" ".join(p for p in problems if p))
+            check_cross_tokenizer_heads(self.bank.configs.values(), served)
         self.requests: dict[int, RequestMix] = {}  # batch slot -> its mix
         self.rows = RowCache(self.bank, [])
         self.owners: list[RequestMix] = []  # cache row -> the request it belongs to
@@ -237,15 +235,15 @@ class ValuemixLogitsProcessor(LogitsProcessor):
             values.append(self.rows.score(tokens, real, *self._rows_of(rows, branches, branch_real, branch_start)))
             for mix, (kept, new_tokens) in fresh.items():
                 self._held(mix, kept + len(new_tokens), wanted)
-        joiners = [mix for mix in position if mix not in set(self.owners)]
+        joiners = {mix: self._fresh(mix, wanted)[1] for mix in position if mix not in set(self.owners)}
         if joiners:
             owners = [(mix, h) for mix in joiners for h in self.bank.heads if h in mix.weights]
             joined = RowCache(self.bank, [h for _, h in owners], [mix for mix, _ in owners])  # heads share trunks
-            tokens, real = self._left_padded([self._fresh(mix, wanted)[1] for mix, _ in owners])
+            tokens, real = self._left_padded([joiners[mix] for mix, _ in owners])
             rows = torch.tensor([position[mix] for mix, _ in owners], device=candidates.device)
             values.append(joined.score(tokens, real, *self._rows_of(rows, branches, branch_real, branch_start)))
-            for mix in joiners:
-                self._held(mix, len(self._fresh(mix, wanted)[1]), wanted)
+            for mix, new_tokens in joiners.items():
+                self._held(mix, len(new_tokens), wanted)
             self.rows.extend(joined)
             self.owners += [mix for mix, _ in owners]
         return torch.cat(values)
@@ -280,11 +278,6 @@ class ValuemixLogitsProcessor(LogitsProcessor):
             mix.held = wanted[mix]
 
     def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, real) of ragged sequences, left padded to the longest."""
-        width = max(len(s) for s in sequences)
-        pad = self.bank.tokenizer.pad_token_id or 0
-        tokens = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], dtype=torch.long,
-                              device=self.bank.device)
-        real = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long,
-                            device=self.bank.device)
-        return tokens, real
+        """(tokens, real) of ragged sequences, left padded to the longest, on the bank's device."""
+        tokens, real = left_padded(sequences, self.bank.tokenizer.pad_token_id or 0)
+        return tokens.to(self.bank.device), real.to(self.bank.device)

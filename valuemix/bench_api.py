@@ -15,7 +15,6 @@ reward ± its standard error over prompts, and the API path's requests, prompt t
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 
@@ -42,11 +41,10 @@ class APIBenchConfig:
 
 
 def mean_and_error(values: list[float]) -> tuple[float, float]:
-    """The mean and its standard error."""
-    n = len(values)
-    mean = sum(values) / n
-    variance = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    return mean, math.sqrt(variance / n)
+    """The mean over prompts and its standard error (`compose.evaluate.standard_error`)."""
+    from valuemix.compose.evaluate import standard_error
+
+    return sum(values) / len(values), standard_error(values)
 
 
 def run(cfg: APIBenchConfig) -> dict:

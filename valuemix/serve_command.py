@@ -103,14 +103,12 @@ def check_cross_tokenizer_heads(configs, base: str, backbone: str) -> None:
     """With a backbone of another tokenizer than the served model's, every head must be a cross-tokenizer head."""
     from transformers import AutoTokenizer
 
-    from valuemix.compose.mixer import cross_tokenizer_problem
+    from valuemix.compose.mixer import check_cross_tokenizer_heads
     from valuemix.heads.fingerprint import tokenizer_fingerprint
 
     served = AutoTokenizer.from_pretrained(base)
     if tokenizer_fingerprint(served) != tokenizer_fingerprint(AutoTokenizer.from_pretrained(backbone)):
-        problems = [cross_tokenizer_problem(config, served) for config in configs]
-        if any(problems):
-            raise ValueError(" ".join(p for p in problems if p))
+        check_cross_tokenizer_heads(configs, served)
 
 
 def serve_main(argv=None):
